@@ -1,0 +1,30 @@
+"""Worker exit codes: how a worker tells the supervisor why it ended.
+
+The supervisor's restart policy classifies an exit from these codes (and from the
+signal that killed the worker, if any). Shared here so neither side imports the other.
+"""
+
+#: The job finished, ``done`` was acknowledged.
+DONE = 0
+#: ``cmd stop`` obeyed: final checkpoint sent and acknowledged (or the deadline passed).
+STOPPED = 10
+#: Bad params or a bug in the job: restarting would fail the same way.
+FATAL = 11
+#: Out of GPU memory even at the smallest batch: worth a restart.
+OOM = 12
+#: A CUDA sticky error (illegal address, ECC …): this process's context is unusable.
+GPU_STICKY = 13
+#: The supervisor died or went silent; the worker exits rather than run unsupervised.
+ORPHANED = 14
+#: The worker could not start (bad environment, handshake refused or timed out).
+STARTUP = 15
+
+NAMES = {
+    DONE: "done",
+    STOPPED: "stopped",
+    FATAL: "fatal",
+    OOM: "oom",
+    GPU_STICKY: "gpu_sticky",
+    ORPHANED: "orphaned",
+    STARTUP: "startup",
+}

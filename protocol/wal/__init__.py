@@ -1,0 +1,1 @@
+"""Write-ahead log: format, writer, recovery (see format.py for the byte layout)."""

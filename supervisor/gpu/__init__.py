@@ -1,0 +1,1 @@
+"""GPU health: sensors (NVML, scripted) the supervisor polls."""

@@ -1,0 +1,1 @@
+"""Built-in jobs, found by name."""

@@ -1,9 +1,295 @@
-"""Command line entry point (placeholder until the CLI lands)."""
+"""``nkat-supervise``: the command line (DESIGN.md §8).
+
+Each subcommand is one function ``cmd_<name>(args) -> exit code``. Exit codes: 0 done,
+1 a check failed (verify) or nothing to show, 2 usage or config error, 3 gave up,
+4 stopped by the operator (resumable).
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nkat.supervisor import control
+from nkat.supervisor.config import KEYS, ConfigError, load_config
+from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command that cannot run as asked; printed without a traceback, exit 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nkat-supervise")
-    parser.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except (UsageError, ConfigError, RunDirError) as exc:
+        print(f"nkat-supervise: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nkat-supervise",
+        description="Keep a long GPU computation alive: supervise a worker, checkpoint it "
+                    "durably, restart it when it crashes, hangs or overheats.",
+        epilog="Exit codes: 0 completed, 1 check failed, 2 usage/config error, "
+               "3 gave up (resumable), 4 stopped by the operator (resumable).")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--state-dir", metavar="DIR",
+                       help="where runs live (default: $NKAT_STATE_DIR, else "
+                            "$XDG_STATE_HOME/nkat-supervise, else ~/.local/state/nkat-supervise)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("start", cmd_start, "start a run, or resume the unfinished run of the same spec")
+    p.add_argument("--run-id", help="run id to create or resume ([A-Za-z0-9._-], 1-64)")
+    p.add_argument("--fresh", action="store_true", help="start a new run even if one can resume")
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="worker array backend")
+    p.add_argument("--detach", action="store_true", help="run in the background; print the run id")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--sim-gpu", metavar="PROFILE", help="use a scripted GPU profile (TOML)")
+    p.add_argument("--salvage", action="store_true",
+                   help="if the WAL is corrupt, fall back to the newest intact checkpoint")
+    p.add_argument("--boot", action="store_true",
+                   help="resume only runs that were running when the machine went down")
+
+    for name, help in (("stop", "stop a running supervisor gracefully (final checkpoint)"),
+                       ("pause", "pause the worker (it keeps its GPU state)"),
+                       ("resume", "resume a paused worker"),
+                       ("checkpoint-now", "ask the worker for a checkpoint now")):
+        p = add(name, cmd_control, help)
+        p.add_argument("run", nargs="?", help="run id (default: the only or newest active run)")
+        p.set_defaults(op=name.replace("-", "_"))
+
+    p = add("status", cmd_status, "show a run's status (live, or from disk when it is down)")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+
+    p = add("runs", cmd_runs, "list runs")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = add("checkpoints", cmd_checkpoints, "list a run's retained checkpoints")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = add("verify", cmd_verify, "check a run's WAL end to end (exit 1 on corruption)")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = add("results", cmd_results, "print a run's result JSON")
+    p.add_argument("run", nargs="?")
+
+    p = add("config", cmd_config, "show the resolved config and where each value came from")
+    p.add_argument("--show", action="store_true", help="print the resolved config (default)")
+    p.add_argument("--config", type=Path, metavar="FILE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+
+    p = add("gpu", cmd_gpu, "show GPUs, their thresholds and one reading")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--sim-gpu", metavar="PROFILE", help="read a scripted GPU profile instead")
+    return parser
+
+
+# start ------------------------------------------------------------------------------------
+def cmd_start(args: argparse.Namespace) -> int:
+    from nkat.supervisor.launch import launch_run, pick_run
+
+    state = state_dir(args.state_dir)
+    extra = {"backend": args.backend} if args.backend else None
+    config = load_config(args.config, args.set, extra)
+    run, config, how = pick_run(state, config, run_id=args.run_id, fresh=args.fresh,
+                                boot=args.boot)
+    if run is None:
+        print("nkat-supervise: no run was running when the machine went down; nothing to do")
+        return 0
+    if args.detach:
+        return _detach(args, run)
+    return launch_run(run, config, how=how, quiet=args.quiet, sim_gpu=args.sim_gpu,
+                      salvage=args.salvage)
+
+
+def _detach(args: argparse.Namespace, run: RunDir) -> int:
+    argv = [sys.executable, "-m", "nkat.supervisor", "start", "--run-id", run.run_id,
+            "--state-dir", str(run.path.parent.parent), "--quiet"]
+    if args.config:
+        argv += ["--config", str(args.config)]
+    for option in args.set:
+        argv += ["--set", option]
+    if args.backend:
+        argv += ["--backend", args.backend]
+    if args.sim_gpu:
+        argv += ["--sim-gpu", args.sim_gpu]
+    if args.salvage:
+        argv.append("--salvage")
+    err = open(run.log_dir / "detached.stderr", "ab")  # noqa: SIM115 - handed to the child
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=err, start_new_session=True)
+    err.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            print(f"nkat-supervise: the detached supervisor exited with {child.returncode}; "
+                  f"see {run.log_dir}", file=sys.stderr)
+            return child.returncode or 1
+        if run.holder_pid() == child.pid:
+            print(run.run_id)
+            return 0
+        time.sleep(0.05)
+    print(run.run_id)
     return 0
+
+
+# Talking to a live supervisor -------------------------------------------------------------
+def _resolve_run(state: Path, run_id: str | None, *, live: bool = False) -> RunDir:
+    if run_id:
+        return RunDir.open(state, run_id)
+    runs = list_runs(state)
+    if live:
+        active = [r for r in runs if r.holder_pid()]
+        if len(active) == 1:
+            return active[0]
+        if len(active) > 1:
+            names = ", ".join(r.run_id for r in active)
+            raise UsageError(f"several runs are active ({names}); name one")
+    if not runs:
+        raise UsageError(f"no runs in {state}")
+    return runs[-1]
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    state = state_dir(args.state_dir)
+    run = _resolve_run(state, args.run, live=True)
+    if not run.holder_pid():
+        raise UsageError(f"run {run.run_id} has no running supervisor")
+    try:
+        reply = control.request(run.endpoint("control"), args.op, timeout=5.0)
+    except control.ControlUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    if not reply.get("ok"):
+        print(f"nkat-supervise: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"{run.run_id}: {reply.get('message', 'ok')}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from nkat.supervisor.inspect import run_status
+
+    state = state_dir(args.state_dir)
+    run = _resolve_run(state, args.run)
+    status = run_status(run)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        for key in ("run_id", "state", "source", "epoch", "restarts", "progress", "units_done",
+                    "units_total", "dims_per_s", "durable_ckpt_seq", "worker_pid"):
+            value = status.get(key)
+            if key == "progress" and isinstance(value, float):
+                value = f"{value:.1%}"
+            print(f"{key:>18}: {'-' if value is None else value}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from nkat.supervisor.inspect import run_status
+
+    rows = []
+    for run in list_runs(state_dir(args.state_dir)):
+        st = run_status(run)
+        rows.append({"run_id": run.run_id, "created": run.info.created, "state": st["state"],
+                     "job": run.info.spec.get("job"), "spec_hash": run.info.spec_hash,
+                     "progress": st.get("progress")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no runs")
+    else:
+        for r in rows:
+            prog = "-" if r["progress"] is None else f"{r['progress']:.1%}"
+            print(f"{r['run_id']:<34} {r['state']:<12} {prog:>7}  {r['job']}")
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from nkat.supervisor.inspect import list_checkpoints
+
+    run = _resolve_run(state_dir(args.state_dir), args.run)
+    rows = list_checkpoints(run)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"{run.run_id}: no checkpoints")
+    else:
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["t_wall"]))
+            print(f"seq {r['ckpt_seq']:>6}  epoch {r['epoch']:>4}  units {r['units_done']:>10}"
+                  f"  {when}  {r['size']:>9} B  {'verified' if r['verified'] else 'BAD'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from nkat.supervisor.inspect import verify_run
+
+    run = _resolve_run(state_dir(args.state_dir), args.run)
+    report = verify_run(run)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        verdict = "ok" if report["ok"] else "CORRUPT"
+        print(f"{run.run_id}: {verdict}: {report['segments']} segments, {report['records']} "
+              f"records, {report['checkpoints']} checkpoints")
+        if report.get("problem"):
+            print(f"  first problem: {report['problem']}")
+    return 0 if report["ok"] else 1
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    run = _resolve_run(state_dir(args.state_dir), args.run)
+    result = run.read_result()
+    if result is None:
+        print(f"{run.run_id}: no result yet", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    if args.json:
+        print(json.dumps({k.name: {"value": config[k.name], "source": config.source(k.name),
+                                   "role": k.role} for k in KEYS}, indent=2))
+        return 0
+    for key in KEYS:
+        print(f"{key.name:<24} {json.dumps(config[key.name]):<22} {config.source(key.name)}")
+    return 0
+
+
+def cmd_gpu(args: argparse.Namespace) -> int:
+    from nkat.supervisor.gpu.show import gpu_command
+
+    return gpu_command(json_output=args.json, sim_gpu=args.sim_gpu)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Choosing which run ``start`` supervises, and setting it up: lock, log, WAL, GPU health.
+
+    run, config, how = pick_run(state, config, run_id=None, fresh=False, boot=False)
+    code = launch_run(run, config, how=how, quiet=False, sim_gpu=None, salvage=False)
+
+An unfinished run of the same spec is resumed unless ``--fresh``; ``--boot`` resumes
+only runs that were running when the machine went down (never ones an operator stopped).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from nkat.protocol.wal import RecordType, Wal, WalCorrupted, WalError
+from nkat.supervisor.config import KEY_BY_NAME, Config, ConfigError, coerce
+from nkat.supervisor.inspect import run_state_from_disk
+from nkat.supervisor.jsonlog import open_run_log
+from nkat.supervisor.progress import ProgressDisplay
+from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id, spec_hash
+from nkat.supervisor.supervise import EXIT_COMPLETED, EXIT_GAVE_UP, Supervisor
+
+EXIT_USAGE = 2
+
+
+def pick_run(state: Path, config: Config, *, run_id: str | None, fresh: bool,
+             boot: bool) -> tuple[RunDir | None, Config, str]:
+    """The run to supervise, the config it runs with, and "new" or "resume"."""
+    spec = config.job_spec()
+    if boot:
+        interrupted = [r for r in list_runs(state)
+                       if run_state_from_disk(r) == "interrupted" and not r.holder_pid()]
+        if not interrupted:
+            return None, config, "none"
+        run = interrupted[-1]
+        return run, _resumed_config(run, config), "resume"
+    if run_id:
+        if (state / "runs" / run_id / "run.toml").exists():
+            if fresh:
+                raise ConfigError(f"--fresh with --run-id {run_id}: that run already exists")
+            run = RunDir.open(state, run_id)
+            _check_same_spec(run, config)
+            return run, _resumed_config(run, config), "resume"
+        return RunDir.create(state, run_id, spec, dict(config)), config, "new"
+    if not fresh:
+        wanted = spec_hash(spec)
+        for run in reversed(list_runs(state)):
+            if run.info.spec_hash == wanted and run_state_from_disk(run) != "completed" \
+                    and not run.holder_pid():
+                return run, _resumed_config(run, config), "resume"
+    return RunDir.create(state, new_run_id(spec), spec, dict(config)), config, "new"
+
+
+def _check_same_spec(run: RunDir, config: Config) -> None:
+    """Resuming a named run with explicitly different job params is an error, not a guess."""
+    params = run.info.spec.get("params", {})
+    stored = {"job": run.info.spec.get("job"), **params}
+    for name, value in config.role("job").items():
+        if config.source(name) != "default" and stored.get(name) != value:
+            raise ConfigError(f"run {run.run_id} was started with {name}={stored.get(name)!r}; "
+                              f"it cannot resume with {name}={value!r} (use --fresh or "
+                              "another --run-id)")
+
+
+def _resumed_config(run: RunDir, current: Config) -> Config:
+    """The run's stored config, with this invocation's explicit non-job settings on top."""
+    values = dict(current.settings)
+    sources = dict(current.sources)
+    for name, value in run.info.config.items():
+        if name in KEY_BY_NAME and current.source(name) == "default":
+            try:
+                values[name] = coerce(name, value)
+                sources[name] = "run.toml"
+            except ConfigError:
+                continue
+    params = run.info.spec.get("params", {})
+    values["job"] = run.info.spec.get("job", values["job"])
+    for name, value in params.items():
+        if name in KEY_BY_NAME:
+            values[name] = value
+            sources[name] = "run.toml"
+    # Absent in run.toml means null (TOML has no null) for the nullable keys.
+    for key in KEY_BY_NAME.values():
+        if key.nullable and key.name not in run.info.config and sources[key.name] == "default":
+            values[key.name] = None
+    return Config(values, sources)
+
+
+def launch_run(run: RunDir, config: Config, *, how: str, quiet: bool,
+               sim_gpu: str | None, salvage: bool) -> int:
+    """Supervise ``run`` in this process until it ends; returns the exit code."""
+    try:
+        with run.lock():
+            return _supervise_locked(run, config, how=how, quiet=quiet, sim_gpu=sim_gpu,
+                                     salvage=salvage)
+    except RunLocked as exc:
+        print(f"nkat-supervise: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _supervise_locked(run: RunDir, config: Config, *, how: str, quiet: bool,
+                      sim_gpu: str | None, salvage: bool) -> int:
+    log, sink = open_run_log(run.log_file, run_id=run.run_id,
+                             max_bytes=config["log_max_bytes"], backups=config["log_backups"])
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    try:
+        run_payload = {"run_id": run.run_id, "spec": run.info.spec,
+                       "spec_hash": run.info.spec_hash, "created": run.info.created}
+        try:
+            wal = Wal.open(run.wal_dir, run.blob_dir, run=run_payload, salvage=salvage,
+                           backup_checkpoints=config["backup_checkpoints"],
+                           segment_size=config["segment_size"])
+        except WalCorrupted as exc:
+            log.critical("wal.corrupt", error=str(exc))
+            print(f"nkat-supervise: error: the write-ahead log of run {run.run_id} is corrupt: "
+                  f"{exc}\n  Acknowledged data is damaged, so the run will not start. "
+                  f"Inspect it with `nkat-supervise verify {run.run_id}`; to fall back to the "
+                  f"newest intact checkpoint, start again with --salvage.", file=sys.stderr)
+            return EXIT_GAVE_UP
+        except (WalError, OSError) as exc:
+            log.critical("wal.open_failed", error=str(exc))
+            print(f"nkat-supervise: error: cannot open the write-ahead log: {exc}",
+                  file=sys.stderr)
+            return EXIT_GAVE_UP
+        try:
+            return _run_with_wal(run, config, wal, log, how=how, say=say, quiet=quiet,
+                                 sim_gpu=sim_gpu)
+        finally:
+            wal.close()
+    finally:
+        sink.close()
+
+
+def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, say: Any,
+                  quiet: bool, sim_gpu: str | None) -> int:
+    recovery = wal.recovery
+    log.info("wal.recovered", records=recovery.records,
+             torn_tail_repaired=recovery.torn_tail_repaired, salvaged=recovery.salvaged,
+             problem=recovery.problem)
+    last = None
+    for rec in wal.records():
+        if rec.type is not RecordType.RUN:
+            last = rec
+    if last is not None and last.type is RecordType.DONE:
+        if run.read_result() is None:
+            run.write_result(last.payload["result"])
+        say(f"run {run.run_id} already completed: {run.result_file}")
+        return EXIT_COMPLETED
+    infos = wal.checkpoints()
+    latest = infos[-1] if infos else None
+    if how == "resume":
+        clean = last is not None and last.type is RecordType.STOP
+        where = (f"checkpoint {latest.ckpt_seq} ({latest.units_done} units done)"
+                 if latest else "the beginning (no checkpoint yet)")
+        if clean or last is None:
+            say(f"resuming run {run.run_id} from {where}")
+            log.info("run.resumed", ckpt_seq=latest.ckpt_seq if latest else None)
+        else:
+            say(f"run {run.run_id} recovered after an unclean shutdown (power loss or kill -9); "
+                f"resuming from {where}")
+            log.warning("run.recovered_unclean", ckpt_seq=latest.ckpt_seq if latest else None,
+                        units_done=latest.units_done if latest else 0,
+                        last_record=last.type.value)
+    else:
+        say(f"started run {run.run_id} (state in {run.path})")
+        log.info("run.started", spec=run.info.spec)
+    health = _make_health(config, sim_gpu, log, say)
+    display = None if quiet else ProgressDisplay(sys.stdout)
+    sup = Supervisor(run, config, wal, log, health=health,
+                     on_status=display.update if display else None)
+    try:
+        code = sup.run()
+    finally:
+        if display:
+            display.close()
+        if health:
+            health.close()
+    _say_outcome(say, run, sup, code)
+    return code
+
+
+def _make_health(config: Config, sim_gpu: str | None, log: Any, say: Any) -> Any:
+    from nkat.supervisor.health import open_health
+
+    return open_health(config, sim_gpu, log, say)
+
+
+def _say_outcome(say: Any, run: RunDir, sup: Supervisor, code: int) -> None:
+    if sup.outcome == "completed":
+        say(f"run {run.run_id} completed: {run.result_file}")
+    elif sup.outcome == "stopped":
+        say(f"run {run.run_id} stopped at checkpoint {sup.durable_ckpt_seq}; "
+            "`nkat-supervise start` resumes it")
+    else:
+        say(f"run {run.run_id} {sup.outcome}; the run is resumable: see "
+            f"`nkat-supervise logs {run.run_id}` and start it again once fixed")
+

@@ -1,0 +1,276 @@
+"""The run directory (DESIGN.md §7): where a run's spec, lock, WAL, sockets, log and result live.
+
+    state = state_dir(None)                      # $NKAT_STATE_DIR, XDG, ~/.local/state/...
+    run = RunDir.create(state, run_id, spec, config)   # or RunDir.open(state, run_id)
+    with run.lock():                             # RunLocked names the holder's pid
+        run.write_status({...})                  # atomic replace
+
+Files are written with fsync and atomic renames; the directory is private (0700).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (missing, malformed, wrong spec)."""
+
+
+class RunLocked(RunDirError):
+    """Another supervisor holds this run."""
+
+    def __init__(self, run_id: str, pid: int | None) -> None:
+        who = f"supervisor pid {pid}" if pid else "another supervisor"
+        super().__init__(f"run {run_id} is already supervised by {who}; "
+                         "stop it first (nkat-supervise stop) or pick another run")
+        self.pid = pid
+
+
+def state_dir(explicit: str | os.PathLike[str] | None) -> Path:
+    """``--state-dir``, else $NKAT_STATE_DIR, else $XDG_STATE_HOME/nkat-supervise, else ~."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("NKAT_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+    return base / "nkat-supervise"
+
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id) or run_id in (".", ".."):
+        raise RunDirError(f"invalid run id {run_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    return run_id
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def new_run_id(spec: Mapping[str, Any]) -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + spec_hash(spec)[:6]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What run.toml says about a run."""
+
+    run_id: str
+    created: str
+    spec: dict[str, Any]
+    spec_hash: str
+    config: dict[str, Any]
+
+
+class RunDir:
+    """One run's directory. Creating it writes run.toml once; opening reads it."""
+
+    def __init__(self, path: Path, info: RunInfo) -> None:
+        self.path = path
+        self.info = info
+
+    # Layout ---------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.info.run_id
+
+    @property
+    def wal_dir(self) -> Path:
+        return self.path / "wal"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.path / "blobs"
+
+    @property
+    def sock_dir(self) -> Path:
+        return self.path / "sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "supervisor.jsonl"
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def result_file(self) -> Path:
+        return self.path / "results" / "result.json"
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{self.sock_dir / name}"
+
+    # Life -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, state: Path, run_id: str, spec: Mapping[str, Any],
+               config: Mapping[str, Any]) -> RunDir:
+        validate_run_id(run_id)
+        runs = state / "runs"
+        runs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = runs / run_id
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise RunDirError(f"run {run_id} already exists in {runs}") from None
+        os.chmod(path, 0o700)
+        info = RunInfo(run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"), dict(spec),
+                       spec_hash(spec), dict(config))
+        body = {"run_id": info.run_id, "created": info.created, "spec_hash": info.spec_hash,
+                "spec": _toml_safe(info.spec), "config": _toml_safe(info.config)}
+        atomic_write(path / "run.toml", tomli_w.dumps(body).encode(), mode=0o600)
+        fsync_dir(runs)
+        run = cls(path, info)
+        run._make_subdirs()
+        return run
+
+    @classmethod
+    def open(cls, state: Path, run_id: str) -> RunDir:
+        validate_run_id(run_id)
+        path = state / "runs" / run_id
+        toml_path = path / "run.toml"
+        try:
+            data = tomllib.loads(toml_path.read_text())
+            info = RunInfo(data["run_id"], data["created"], data["spec"], data["spec_hash"],
+                           data.get("config", {}))
+        except FileNotFoundError:
+            raise RunDirError(f"no run {run_id!r} in {state / 'runs'}") from None
+        except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+            raise RunDirError(f"run {run_id}: unreadable run.toml: {exc}") from None
+        run = cls(path, info)
+        run._make_subdirs()
+        return run
+
+    def _make_subdirs(self) -> None:
+        for sub in ("wal", "blobs", "sock", "logs", "results"):
+            (self.path / sub).mkdir(mode=0o700, exist_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's flock for the life of a supervisor; RunLocked if taken."""
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                raise RunLocked(self.run_id, self.holder_pid()) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def holder_pid(self) -> int | None:
+        """The pid of the supervisor holding the lock, or None when nobody holds it."""
+        lock_path = self.path / "lock"
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                text = lock_path.read_text().strip()
+                return int(text) if text.isdigit() else None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def write_status(self, status: Mapping[str, Any]) -> None:
+        atomic_write(self.status_file, json.dumps(status, sort_keys=True, indent=1).encode())
+
+    def read_status(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.status_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_result(self, result: Mapping[str, Any]) -> None:
+        text = json.dumps(result, sort_keys=True, indent=2) + "\n"
+        atomic_write(self.result_file, text.encode(), mode=0o644)
+
+    def read_result(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.result_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def list_runs(state: Path) -> list[RunDir]:
+    """Every readable run under ``state``, oldest first."""
+    runs_dir = state / "runs"
+    if not runs_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(runs_dir.iterdir()):
+        if not RUN_ID_RE.match(entry.name) or not (entry / "run.toml").exists():
+            continue
+        try:
+            found.append(RunDir.open(state, entry.name))
+        except RunDirError:
+            continue
+    found.sort(key=lambda r: (r.info.created, r.run_id))
+    return found
+
+
+def _toml_safe(value: Any) -> Any:
+    """TOML has no null: drop None values (absent means the default, which is null)."""
+    if isinstance(value, dict):
+        return {k: _toml_safe(v) for k, v in value.items() if v is not None}
+    return value

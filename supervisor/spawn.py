@@ -1,0 +1,127 @@
+"""Starting, signalling and reaping one worker process (the only place that forks).
+
+A worker runs ``python -m nkat.worker`` in its own session (so its whole process group
+can be signalled), with its epoch, token and endpoint in the environment, and its
+stdout/stderr on pipes the supervisor's poll loop reads line by line.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+
+import psutil
+
+
+class WorkerProcess:
+    """One worker incarnation (epoch)."""
+
+    def __init__(self, epoch: int, endpoint: str, backend: str,
+                 extra_env: Mapping[str, str] | None = None) -> None:
+        self.epoch = epoch
+        self.token = secrets.token_hex(16)
+        env = dict(os.environ)
+        env.update({
+            "NKAT_ENDPOINT": endpoint,
+            "NKAT_TOKEN": self.token,
+            "NKAT_EPOCH": str(epoch),
+            "NKAT_SUPERVISOR_PID": str(os.getpid()),
+            "NKAT_BACKEND": backend,
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nkat.worker"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, close_fds=True,
+        )
+        self.pid = self.proc.pid
+        self.pgid = self.pid  # start_new_session makes the worker its group's leader
+        self.returncode: int | None = None
+        self._partial: dict[int, bytes] = {}
+        for stream in (self.proc.stdout, self.proc.stderr):
+            assert stream is not None
+            os.set_blocking(stream.fileno(), False)
+
+    @property
+    def output_fds(self) -> dict[int, str]:
+        """Pipe fds still open, with the stream name each carries."""
+        fds = {}
+        if self.proc.stdout and not self.proc.stdout.closed:
+            fds[self.proc.stdout.fileno()] = "stdout"
+        if self.proc.stderr and not self.proc.stderr.closed:
+            fds[self.proc.stderr.fileno()] = "stderr"
+        return fds
+
+    def read_lines(self, fd: int) -> list[str]:
+        """Whole lines available on ``fd``; a closed pipe flushes its last partial line."""
+        stream = self.proc.stdout if self.proc.stdout and fd == self.proc.stdout.fileno() \
+            else self.proc.stderr
+        assert stream is not None
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return []
+        buf = self._partial.get(fd, b"") + chunk
+        if not chunk:  # EOF
+            stream.close()
+            self._partial.pop(fd, None)
+            return [buf.decode("utf-8", "replace")] if buf else []
+        *lines, rest = buf.split(b"\n")
+        # A runaway line without newlines is cut rather than buffered without bound.
+        if len(rest) > 65536:
+            lines.append(rest)
+            rest = b""
+        self._partial[fd] = rest
+        return [line.decode("utf-8", "replace") for line in lines]
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.proc.poll()
+        return self.returncode
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def group_alive(self) -> bool:
+        """True while any process of the worker's group (or the worker itself) exists."""
+        if self.poll() is None:
+            return True
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # The leader is reaped but stragglers of its group remain (zombies count as gone).
+        for proc in psutil.process_iter(["pid", "status"]):
+            try:
+                if os.getpgid(proc.info["pid"]) == self.pgid and \
+                        proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    return True
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return False
+
+    def describe_exit(self) -> str:
+        code = self.returncode
+        if code is None:
+            return "running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def close(self) -> None:
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream and not stream.closed:
+                stream.close()

@@ -1,0 +1,621 @@
+"""The supervisor's run loop: the thin imperative shell around the policies.
+
+One thread, one ZeroMQ poll loop. Each turn it reads what arrived (worker messages,
+control requests, worker output), then asks the policies what to do — watchdog,
+kill sequence, restart policy, thermal ladder, resource and Xid rules — and does it:
+append to the WAL, answer, signal, spawn. It reads like DESIGN.md §6.
+
+    sup = Supervisor(run, config, wal, log)
+    code = sup.run()        # 0 completed, 3 gave up, 4 stopped by the operator
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import zmq
+
+from nkat.protocol import exitcodes
+from nkat.protocol import messages as m
+from nkat.protocol.wal import RecordType, Wal, WalError
+from nkat.supervisor.config import Config
+from nkat.supervisor.lifecycle import WorkerState, check_transition
+from nkat.supervisor.restart_policy import ExitInfo, RestartPolicy, RestartSettings
+from nkat.supervisor.rundir import RunDir
+from nkat.supervisor.spawn import WorkerProcess
+from nkat.supervisor.watchdog import KillSequence, Watchdog, WatchdogSettings
+from nkat.supervisor import control
+from nkat.supervisor.health import GpuHealth
+
+EXIT_COMPLETED = 0
+EXIT_GAVE_UP = 3
+EXIT_STOPPED = 4
+
+POLL_MS = 100
+STATUS_EVERY_S = 1.0
+
+
+class Supervisor:
+    """Supervises one run until it completes, gives up or is stopped."""
+
+    def __init__(self, run: RunDir, config: Config, wal: Wal, log: Any, *,
+                 health: GpuHealth | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_status: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.run_dir = run
+        self.config = config
+        self.wal = wal
+        self.log = log
+        self.clock = clock
+        self.health = health
+        self.on_status = on_status
+        self.ctx = zmq.Context()
+        self.state = WorkerState.IDLE
+        self.worker: WorkerProcess | None = None
+        self.epoch = self._last_epoch()
+        self.restarts = 0
+        self.exit_code: int | None = None
+        self.outcome: str | None = None
+        self.kill: KillSequence | None = None
+        self.kill_reason: str | None = None  # exit class the supervisor caused
+        self.pending_resume_at: float | None = None
+        self.stop_requested: str | None = None  # why the operator asked to stop
+        self.signals: collections.deque[int] = collections.deque()
+        self.last_beats: collections.deque[dict[str, Any]] = collections.deque(maxlen=5)
+        self.last_beat: m.Beat | None = None
+        self.last_fail: m.Fail | None = None
+        self.done_recorded = False
+        self.protocol_errors = 0
+        self.dropped_foreign = 0
+        self.ckpt_latency: collections.deque[float] = collections.deque(maxlen=256)
+        infos = wal.checkpoints()
+        latest = infos[-1] if infos else None
+        self.durable_ckpt_seq = latest.ckpt_seq if latest else 0
+        self.durable_units = latest.units_done if latest else 0
+        self.last_ckpt_wall: float | None = latest.t_wall if latest else None
+        self.resumed_from = self.durable_ckpt_seq
+        self.started_mono = clock()
+        self.spawned_at = 0.0
+        self.watchdog = Watchdog(WatchdogSettings.from_config(config), clock())
+        self.policy = RestartPolicy(RestartSettings.from_config(config), random.Random())
+        self._last_status = 0.0
+
+    # Life ---------------------------------------------------------------------------
+    def run(self) -> int:
+        self._bind()
+        previous = self._install_signals()
+        try:
+            self._start_worker("start" if self.epoch == 0 else "resume")
+            while self.exit_code is None:
+                self._turn()
+        finally:
+            self._shutdown_worker_now()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._write_status()
+            self.ctx.destroy(linger=0)
+        return self.exit_code
+
+    def _turn(self) -> None:
+        self._poll(POLL_MS)
+        now = self.clock()
+        self._handle_signals(now)
+        self._check_worker_exit(now)
+        self._check_watchdog(now)
+        self._advance_kill(now)
+        if self.health:
+            self._apply_health(now)
+        self._maybe_restart(now)
+        if now - self._last_status >= STATUS_EVERY_S:
+            self._write_status()
+
+    def _bind(self) -> None:
+        sock_dir = self.run_dir.sock_dir
+        for name in ("worker", "control", "events"):
+            path = sock_dir / name
+            if path.exists():
+                path.unlink()  # a stale socket from a dead supervisor (we hold the lock)
+        old_umask = os.umask(0o177)  # sockets are created 0600
+        try:
+            self.wsock = self.ctx.socket(zmq.ROUTER)
+            self.wsock.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
+            self.wsock.setsockopt(zmq.LINGER, 0)
+            self.wsock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self.wsock.bind(self.run_dir.endpoint("worker"))
+            self.csock = self.ctx.socket(zmq.ROUTER)
+            self.csock.setsockopt(zmq.MAXMSGSIZE, control.MAX_REQUEST_BYTES)
+            self.csock.setsockopt(zmq.LINGER, 0)
+            self.csock.bind(self.run_dir.endpoint("control"))
+            self.esock = self.ctx.socket(zmq.PUB)
+            self.esock.setsockopt(zmq.LINGER, 0)
+            self.esock.bind(self.run_dir.endpoint("events"))
+        finally:
+            os.umask(old_umask)
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, lambda s, _f: self.signals.append(s))
+        return previous
+
+    # Polling ------------------------------------------------------------------------------
+    def _poll(self, timeout_ms: int) -> None:
+        poller = zmq.Poller()
+        poller.register(self.wsock, zmq.POLLIN)
+        poller.register(self.csock, zmq.POLLIN)
+        fds = self.worker.output_fds if self.worker else {}
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+        try:
+            ready = dict(poller.poll(timeout_ms))
+        except zmq.ZMQError:
+            return  # interrupted by a signal: handled next turn
+        if self.wsock in ready:
+            self._drain_worker_socket()
+        if self.csock in ready:
+            self._drain_control()
+        for fd, stream in fds.items():
+            if fd in ready and self.worker:
+                for line in self.worker.read_lines(fd):
+                    self.log.info(f"worker.{stream}", epoch=self.worker.epoch, line=line)
+
+    def _drain_worker_socket(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.wsock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._protocol_error("expected [routing id, payload]", frames[0] if frames else b"")
+                continue
+            ident, payload = frames
+            try:
+                msg = m.decode(payload)
+            except m.ProtocolError as exc:
+                self._protocol_error(str(exc), ident)
+                continue
+            self._on_worker_message(ident, msg)
+
+    def _protocol_error(self, why: str, ident: bytes) -> None:
+        self.protocol_errors += 1
+        self.log.warning("protocol.error", reason=why, peer=ident.decode("latin-1")[:64],
+                         count=self.protocol_errors)
+
+    # Worker messages ------------------------------------------------------------------
+    def _on_worker_message(self, ident: bytes, msg: m.Message) -> None:
+        worker = self.worker
+        if worker is None or msg.epoch != worker.epoch or \
+                ident != f"{worker.epoch}:{worker.pid}".encode():
+            self.dropped_foreign += 1
+            self.log.warning("protocol.foreign_epoch", msg_type=msg.TYPE, msg_epoch=msg.epoch,
+                             epoch=worker.epoch if worker else None)
+            return
+        now = self.clock()
+        if isinstance(msg, m.Hello):
+            self._on_hello(msg, now)
+            return
+        if self.state is WorkerState.STARTING:
+            self._protocol_error(f"{msg.TYPE} before hello", ident)
+            return
+        self.watchdog.on_message(now)
+        if isinstance(msg, m.Beat):
+            self._on_beat(msg, now)
+        elif isinstance(msg, m.Ckpt):
+            self._on_ckpt(msg, now)
+        elif isinstance(msg, m.Done):
+            self._on_done(msg)
+        elif isinstance(msg, m.Fail):
+            self.last_fail = msg
+            self.log.error("worker.failed", epoch=msg.epoch, kind=msg.kind, fatal=msg.fatal,
+                           message=msg.message, traceback=msg.traceback)
+        elif isinstance(msg, m.Log):
+            method = getattr(self.log, msg.level if msg.level in _LEVELS else "info")
+            fields = {k: v for k, v in msg.fields.items() if k not in _RESERVED}
+            method(msg.event, component="worker", epoch=msg.epoch, **fields)
+        elif isinstance(msg, m.Extend):
+            self.watchdog.on_extend(now, msg.seconds)
+            self.log.info("watchdog.extended", epoch=msg.epoch, seconds=msg.seconds,
+                          reason=msg.reason)
+        else:
+            self._protocol_error(f"{msg.TYPE} is not a worker message", ident)
+
+    def _send(self, msg: m.Message) -> None:
+        if self.worker is None:
+            return
+        ident = f"{self.worker.epoch}:{self.worker.pid}".encode()
+        try:
+            self.wsock.send_multipart([ident, m.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.log.warning("protocol.send_failed", msg_type=msg.TYPE, error=str(exc))
+
+    def _on_hello(self, msg: m.Hello, now: float) -> None:
+        worker = self.worker
+        assert worker is not None
+        if msg.token != worker.token or msg.pid != worker.pid:
+            self._protocol_error("hello with a wrong token or pid", f"{msg.epoch}".encode())
+            return
+        if msg.proto != m.PROTOCOL_VERSION:
+            self._protocol_error(f"worker speaks protocol {msg.proto}", b"")
+            return
+        latest = self.wal.latest_checkpoint()
+        resume = None if latest is None else m.Resume(
+            ckpt_seq=latest.ckpt_seq, units_done=latest.units_done, state=latest.state)
+        settings = self.config.role("worker")
+        settings.pop("backend", None)
+        settings["provenance"] = {"epochs": worker.epoch, "restarts": self.restarts}
+        self._send(m.Welcome(epoch=worker.epoch, run_id=self.run_dir.run_id,
+                             spec=self.run_dir.info.spec, settings=settings, resume=resume))
+        self.resumed_from = latest.ckpt_seq if latest else 0
+        self._set_state(WorkerState.RUNNING)
+        self.watchdog.on_message(now)
+        self.log.info("worker.welcomed", epoch=worker.epoch, backend=msg.backend,
+                      device=msg.device, resume_ckpt_seq=self.resumed_from or None)
+
+    def _on_beat(self, msg: m.Beat, now: float) -> None:
+        batch_seconds = msg.metrics.get("batch_seconds")
+        self.watchdog.on_beat(now, msg.progress_seq, msg.stage,
+                              batch_seconds if isinstance(batch_seconds, (int, float)) else None)
+        self.last_beat = msg
+        self.last_beats.append({"seq": msg.seq, "progress_seq": msg.progress_seq,
+                                "units_done": msg.units_done, "stage": msg.stage})
+        if self.state is WorkerState.RUNNING and msg.stage == "paused":
+            self._set_state(WorkerState.PAUSED)
+        elif self.state is WorkerState.PAUSED and msg.stage != "paused":
+            self._set_state(WorkerState.RUNNING)
+        self.esock.send(json.dumps({"t": "beat", "units_done": msg.units_done,
+                                    "units_total": msg.units_total}).encode(), zmq.NOBLOCK)
+
+    def _on_ckpt(self, msg: m.Ckpt, now: float) -> None:
+        if msg.ckpt_seq <= self.durable_ckpt_seq:
+            self._send(m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))  # a resend: ack again
+            return
+        if self.config["checkpoint_verification"] and m.state_digest(msg.state) != msg.digest:
+            self._protocol_error(f"checkpoint {msg.ckpt_seq} digest mismatch", b"")
+            return
+        started = time.perf_counter()
+        payload = {"ckpt_seq": msg.ckpt_seq, "epoch": msg.epoch, "units_done": msg.units_done,
+                   "digest": msg.digest, "t_wall": time.time()}
+        if not self._durable(lambda: self.wal.append_checkpoint(payload, msg.state)):
+            return
+        latency = time.perf_counter() - started
+        self.ckpt_latency.append(latency)
+        self.durable_ckpt_seq = msg.ckpt_seq
+        self.durable_units = msg.units_done
+        self.last_ckpt_wall = payload["t_wall"]
+        self.policy.on_durable_progress(now, msg.ckpt_seq)
+        self._send(m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))
+        self.log.info("checkpoint.durable", epoch=msg.epoch, ckpt_seq=msg.ckpt_seq,
+                      units_done=msg.units_done, bytes=len(msg.state),
+                      ack_ms=round(latency * 1000, 3))
+
+    def _on_done(self, msg: m.Done) -> None:
+        canonical = json.dumps(msg.result, sort_keys=True, separators=(",", ":")).encode()
+        if m.state_digest(canonical) != msg.digest:
+            self._protocol_error("result digest mismatch", b"")
+            return
+        if not self.done_recorded:
+            if not self._durable(lambda: self.wal.append(
+                    RecordType.DONE, {"result": msg.result, "digest": msg.digest,
+                                      "t_wall": time.time()})):
+                return
+            self.run_dir.write_result(msg.result)
+            self.done_recorded = True
+            self.log.info("run.completed", epoch=msg.epoch, result=str(self.run_dir.result_file))
+        self._send(m.Ack(epoch=msg.epoch, ckpt_seq=m.DONE_ACK_SEQ))
+
+    def _durable(self, append: Callable[[], Any]) -> bool:
+        """Run a WAL append; on failure stop everything (fail-stop: no ack, no retry)."""
+        try:
+            append()
+            return True
+        except (WalError, OSError) as exc:
+            self.log.critical("wal.write_failed", error=str(exc),
+                              advice="free disk space or fix the device, then run start again")
+            self._begin_kill(self.clock(), "wal_failed", graceful=False)
+            self._finish("wal_failed", EXIT_GAVE_UP)
+            return False
+
+    # Control requests ------------------------------------------------------------------
+    def _drain_control(self) -> None:
+        for _ in range(100):
+            try:
+                frames = self.csock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            ident, payload = frames
+            try:
+                req = control.decode_request(payload)
+                reply = self._on_control(req)
+            except ValueError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            self.csock.send_multipart([ident, control.encode_reply(reply)])
+
+    def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op == "stop":
+            self._request_stop(self.clock(), "operator")
+            return {"ok": True, "message": "stopping: final checkpoint, then exit"}
+        if self.state not in (WorkerState.RUNNING, WorkerState.PAUSED):
+            return {"ok": False, "error": f"worker is {self.state.value}, cannot {op}"}
+        self._send(m.Cmd(epoch=self.worker.epoch if self.worker else 0, op=op))
+        self.log.info(f"operator.{op}", epoch=self.epoch)
+        return {"ok": True, "message": f"{op} sent"}
+
+    # Signals to the supervisor -----------------------------------------------------------
+    def _handle_signals(self, now: float) -> None:
+        while self.signals:
+            sig = self.signals.popleft()
+            if sig == signal.SIGHUP:
+                self.log.info("supervisor.sighup_ignored")
+                continue
+            name = signal.Signals(sig).name
+            if self.stop_requested and sig == signal.SIGINT:
+                self.log.warning("supervisor.stop_now", signal=name)
+                self._begin_kill(now, "operator", graceful=False)
+            else:
+                self._request_stop(now, f"signal {name}")
+
+    def _request_stop(self, now: float, why: str) -> None:
+        if self.stop_requested:
+            return
+        self.stop_requested = why
+        self.log.info("run.stopping", reason=why, epoch=self.epoch)
+        if self.state in (WorkerState.RUNNING, WorkerState.PAUSED, WorkerState.STARTING):
+            self._begin_kill(now, "operator", graceful=True)
+        elif self.state in (WorkerState.BACKOFF, WorkerState.COOLING, WorkerState.IDLE):
+            self._record_stop(why)
+
+    def _record_stop(self, why: str) -> None:
+        self._durable(lambda: self.wal.append(RecordType.STOP, {
+            "reason": why, "desired": "stopped", "t_wall": time.time(),
+            "ckpt_seq": self.durable_ckpt_seq}))
+        self.log.info("run.stopped", reason=why, ckpt_seq=self.durable_ckpt_seq)
+        self._finish("stopped", EXIT_STOPPED)
+
+    # Spawning ---------------------------------------------------------------------------
+    def _last_epoch(self) -> int:
+        last = 0
+        for rec in self.wal.records():
+            if rec.type is RecordType.EPOCH:
+                last = max(last, int(rec.payload.get("epoch", 0)))
+        return last
+
+    def _start_worker(self, reason: str) -> None:
+        self.epoch += 1
+        if not self._durable(lambda: self.wal.append(RecordType.EPOCH, {
+                "epoch": self.epoch, "reason": reason, "t_wall": time.time(),
+                "resume_ckpt_seq": self.durable_ckpt_seq})):
+            return
+        self.worker = WorkerProcess(self.epoch, self.run_dir.endpoint("worker"),
+                                    self.config["backend"])
+        now = self.clock()
+        self.spawned_at = now
+        self.watchdog = Watchdog(WatchdogSettings.from_config(self.config), now)
+        self.policy.on_spawn(now, self.durable_ckpt_seq)
+        self.kill = None
+        self.kill_reason = None
+        self.last_fail = None
+        self._set_state(WorkerState.STARTING)
+        self.log.info("worker.spawned", epoch=self.epoch, pid=self.worker.pid, reason=reason)
+
+    def _maybe_restart(self, now: float) -> None:
+        if self.state is WorkerState.BACKOFF and self.pending_resume_at is not None \
+                and now >= self.pending_resume_at:
+            self.pending_resume_at = None
+            self.restarts += 1
+            self._start_worker("restart")
+        elif self.state is WorkerState.COOLING and self.health and self.health.may_resume(now):
+            self.log.info("thermal.resume", epoch=self.epoch)
+            self._start_worker("thermal_resume")
+
+    # Watchdog and kills --------------------------------------------------------------------
+    def _check_watchdog(self, now: float) -> None:
+        if self.state not in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.PAUSED):
+            return
+        verdict = self.watchdog.check(now)
+        if verdict is None:
+            return
+        self.log.error(f"watchdog.{verdict.kind}", epoch=self.epoch,
+                       deadline_s=round(verdict.deadline, 3),
+                       overdue_s=round(verdict.overdue_by, 3), last_beats=list(self.last_beats))
+        self._begin_kill(now, "hung", graceful=verdict.kind != "unresponsive",
+                         detail=verdict.kind)
+
+    def _begin_kill(self, now: float, reason: str, *, graceful: bool, detail: str = "") -> None:
+        """Stop the worker: durable reason first, then a faulthandler dump, then signals."""
+        if self.worker is None or self.kill is not None and (graceful or self.kill.immediate):
+            return
+        self._durable(lambda: self.wal.append(RecordType.EVENT, {
+            "kind": "kill", "reason": reason, "detail": detail, "epoch": self.epoch,
+            "t_wall": time.time(), "graceful": graceful}))
+        self.kill_reason = reason
+        if reason == "hung":
+            self.worker.signal_group(signal.SIGUSR1)  # faulthandler: every thread's stack
+        self.kill = KillSequence(now, stop_deadline=self.config["stop_deadline"],
+                                 term_grace=self.config["term_grace"], immediate=not graceful)
+        self._set_state(WorkerState.STOPPING)
+        self.log.warning("worker.killing", epoch=self.epoch, reason=reason, detail=detail,
+                         graceful=graceful)
+
+    def _advance_kill(self, now: float) -> None:
+        if self.kill is None or self.worker is None:
+            return
+        alive = self.worker.group_alive()
+        action = self.kill.next_action(now, alive)
+        if action == "send_stop":
+            self._send(m.Cmd(epoch=self.worker.epoch, op="stop",
+                             args={"deadline_s": self.config["stop_deadline"]}))
+        elif action == "sigterm":
+            self.log.warning("worker.sigterm", epoch=self.epoch, pid=self.worker.pid)
+            self.worker.signal_group(signal.SIGTERM)
+        elif action == "sigkill":
+            self.log.warning("worker.sigkill", epoch=self.epoch, pid=self.worker.pid)
+            self.worker.signal_group(signal.SIGKILL)
+        elif action == "kill_failed":
+            self.log.critical("worker.kill_failed", epoch=self.epoch, pid=self.worker.pid,
+                              advice="a process survived SIGKILL (stuck in the driver?); "
+                                     "reboot or reset the GPU, then run start again")
+            self._durable(lambda: self.wal.append(RecordType.EVENT, {
+                "kind": "kill_failed", "epoch": self.epoch, "pid": self.worker.pid
+                if self.worker else None, "t_wall": time.time()}))
+            self._set_state(WorkerState.KILL_FAILED)
+            self._finish("kill_failed", EXIT_GAVE_UP)
+
+    def _check_worker_exit(self, now: float) -> None:
+        worker = self.worker
+        if worker is None or worker.poll() is None:
+            return
+        if self.kill is not None and worker.group_alive():
+            return  # the leader is gone, the group is not: the kill sequence goes on
+        if self.health and not self.health.pid_released(worker.pid):
+            if self.kill is None:
+                self._begin_kill(now, "crashed", graceful=False)
+            return
+        for fd in list(worker.output_fds):
+            for line in worker.read_lines(fd):
+                self.log.info("worker.output", epoch=worker.epoch, line=line)
+        worker.close()
+        info = ExitInfo(returncode=worker.returncode, killed_for=self.kill_reason,
+                        fatal=bool(self.last_fail and self.last_fail.fatal),
+                        fail_kind=self.last_fail.kind if self.last_fail else None,
+                        completed=self.done_recorded)
+        decision = self.policy.decide(now, info)
+        self.log.info("worker.exited", epoch=worker.epoch, pid=worker.pid,
+                      how=worker.describe_exit(), exit_class=decision.exit_class,
+                      action=decision.action, reason=decision.reason)
+        self.worker = None
+        self.kill = None
+        self._set_state(WorkerState.EXITED)
+        self._decide(now, decision)
+
+    def _decide(self, now: float, decision: Any) -> None:
+        if decision.action == "complete":
+            self._set_state(WorkerState.COMPLETED)
+            self._finish("completed", EXIT_COMPLETED)
+        elif self.stop_requested:
+            self._record_stop(self.stop_requested)
+        elif decision.action == "give_up":
+            self._durable(lambda: self.wal.append(RecordType.EVENT, {
+                "kind": "gave_up", "reason": decision.reason, "t_wall": time.time()}))
+            self.log.error("run.gave_up", reason=decision.reason, ckpt_seq=self.durable_ckpt_seq,
+                           advice="fix the cause, then run start again to resume")
+            self._set_state(WorkerState.GAVE_UP)
+            self._finish("gave_up", EXIT_GAVE_UP)
+        elif decision.action == "wait_cooldown":
+            self._set_state(WorkerState.COOLING)
+            self.log.warning("thermal.cooling", epoch=self.epoch)
+        else:
+            self._durable(lambda: self.wal.append(RecordType.EVENT, {
+                "kind": "restart", "reason": decision.reason, "exit_class": decision.exit_class,
+                "delay_s": decision.delay, "t_wall": time.time()}))
+            self.pending_resume_at = now + decision.delay
+            self._set_state(WorkerState.BACKOFF)
+            self.log.warning("worker.restart_scheduled", reason=decision.reason,
+                             delay_s=round(decision.delay, 3), exit_class=decision.exit_class)
+
+    def _shutdown_worker_now(self) -> None:
+        """On the way out, never leave a worker behind."""
+        worker = self.worker
+        if worker is None:
+            return
+        worker.signal_group(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while worker.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        worker.close()
+
+    def _finish(self, outcome: str, code: int) -> None:
+        if self.exit_code is None:
+            self.outcome = outcome
+            self.exit_code = code
+
+    # GPU health -------------------------------------------------------------------------
+    def _apply_health(self, now: float) -> None:
+        assert self.health is not None
+        for action in self.health.poll(now, self.worker.pid if self.worker else None):
+            kind = action.kind
+            if kind == "throttle" and self.state in (WorkerState.RUNNING, WorkerState.PAUSED):
+                self._send(m.Cmd(epoch=self.epoch, op="throttle", args={"duty": action.duty}))
+            elif kind == "free_memory" and self.state is WorkerState.RUNNING:
+                self._send(m.Cmd(epoch=self.epoch, op="free_memory"))
+            elif kind in ("thermal_stop", "thermal_kill", "restart", "gpu_reset", "leak"):
+                self._durable(lambda: self.wal.append(RecordType.EVENT, {
+                    "kind": kind, "reason": action.reason, "epoch": self.epoch,
+                    "t_wall": time.time()}))
+                if self.worker is not None and self.kill is None:
+                    self._begin_kill(now, _KILL_CLASS[kind], graceful=kind != "thermal_kill",
+                                     detail=action.reason)
+                elif kind == "gpu_reset":
+                    self._finish("gave_up", EXIT_GAVE_UP)
+
+    # Status -------------------------------------------------------------------------------
+    def _set_state(self, new: WorkerState) -> None:
+        check_transition(self.state, new)
+        self.state = new
+
+    def status(self) -> dict[str, Any]:
+        beat = self.last_beat
+        total = beat.units_total if beat else None
+        done = beat.units_done if beat else self.durable_units
+        metrics = beat.metrics if beat else {}
+        lat = sorted(self.ckpt_latency)
+        return {
+            "run_id": self.run_dir.run_id,
+            "state": self.state.value,
+            "outcome": self.outcome,
+            "supervisor_pid": os.getpid(),
+            "epoch": self.epoch,
+            "worker_pid": self.worker.pid if self.worker else None,
+            "restarts": self.restarts,
+            "units_done": done,
+            "units_total": total,
+            "progress": (done / total) if total else None,
+            "units_per_s": metrics.get("units_per_s"),
+            "dims_per_s": metrics.get("dims_per_s"),
+            "duty": metrics.get("duty"),
+            "durable_ckpt_seq": self.durable_ckpt_seq,
+            "durable_units": self.durable_units,
+            "last_checkpoint_wall": self.last_ckpt_wall,
+            "ckpt_ack_ms_p50": round(lat[len(lat) // 2] * 1000, 3) if lat else None,
+            "protocol_errors": self.protocol_errors,
+            "foreign_dropped": self.dropped_foreign,
+            "gpu": self.health.snapshot() if self.health else None,
+            "supervisor_rss_bytes": psutil.Process().memory_info().rss,
+            "updated_wall": time.time(),
+        }
+
+    def _write_status(self) -> None:
+        self._last_status = self.clock()
+        status = self.status()
+        try:
+            self.run_dir.write_status(status)
+        except OSError as exc:
+            self.log.warning("status.write_failed", error=str(exc))
+        try:
+            self.esock.send(json.dumps({"t": "status", **status}).encode(), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        if self.on_status:
+            self.on_status(status)
+
+
+_LEVELS = {"debug", "info", "warning", "error", "critical"}
+_RESERVED = {"event", "level", "ts", "run_id", "component", "epoch"}
+_KILL_CLASS = {"thermal_stop": "thermal", "thermal_kill": "thermal", "restart": "crashed",
+               "gpu_reset": "gpu_reset", "leak": "leak"}
+
+
+def worker_exit_name(code: int | None) -> str:
+    return exitcodes.NAMES.get(code, str(code)) if code is not None else "running"

@@ -1,0 +1,79 @@
+"""The runtime settings a worker receives in ``welcome`` (docs/architecture.md, "Settings").
+
+Parsed once into a frozen :class:`Settings`. Keys the worker does not use are ignored
+(the supervisor's config has many); a known key of the wrong type or range is an error
+that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has the wrong type or is out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    checkpoint_interval: float = 30.0
+    #: Units per batch to start with; 0 = the job's ``default_batch_units``.
+    batch_size: int = 0
+    batch_size_adaptive: bool = True
+    #: MB; 0 = no limit. Only the CuPy pool can be limited.
+    memory_limit: float = 0.0
+    memory_reserve: float = 0.0
+    heartbeat_interval: float = 1.0
+    supervisor_timeout: float = 60.0
+    ack_resend: float = 5.0
+    provenance: Mapping[str, int] = dataclasses.field(
+        default_factory=lambda: {"epochs": 1, "restarts": 0})
+
+
+_POSITIVE = ("checkpoint_interval", "heartbeat_interval", "supervisor_timeout", "ack_resend")
+_NON_NEGATIVE = ("memory_limit", "memory_reserve")
+
+
+def parse_settings(raw: Mapping[str, Any]) -> Settings:
+    """Build Settings from a ``welcome.settings`` map (or standalone ``--set`` keys)."""
+    values: dict[str, Any] = {}
+    for key in _POSITIVE + _NON_NEGATIVE:
+        if key in raw:
+            value = raw[key]
+            if not _is_number(value) or value < 0 or (key in _POSITIVE and value == 0):
+                bound = "> 0" if key in _POSITIVE else ">= 0"
+                raise SettingsError(f"setting {key}: expected a number {bound}, got {value!r}")
+            values[key] = float(value)
+    if "batch_size" in raw:
+        value = raw["batch_size"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise SettingsError(f"setting batch_size: expected an integer >= 0, got {value!r}")
+        values["batch_size"] = value
+    if "batch_size_adaptive" in raw:
+        value = raw["batch_size_adaptive"]
+        if not isinstance(value, bool):
+            raise SettingsError(f"setting batch_size_adaptive: expected a bool, got {value!r}")
+        values["batch_size_adaptive"] = value
+    if "provenance" in raw:
+        values["provenance"] = _parse_provenance(raw["provenance"])
+    return Settings(**values)
+
+
+def _parse_provenance(value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"setting provenance: expected a map, got {value!r}")
+    result = {"epochs": 1, "restarts": 0}
+    for key in result:
+        if key in value:
+            count = value[key]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise SettingsError(f"setting provenance.{key}: expected an integer >= 0, "
+                                    f"got {count!r}")
+            result[key] = count
+    return result
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

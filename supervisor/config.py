@@ -62,16 +62,23 @@ def _k(name: str, default: Any, kind: type, role: str, help: str, **kw: Any) -> 
     return Key(name, default, kind, role, help, **kw)
 
 
-INF = float("inf")
+NKAT_JOB = "nkat-highdim"
+#: ``--set params.NAME=VALUE`` passes NAME straight to a custom job's params.
+PARAM_PREFIX = "params."
 
 KEYS: tuple[Key, ...] = (
     # The job (its params define the result) -------------------------------------------
-    _k("job", "nkat-highdim", str, "job", "job to run: a built-in name or module:Class"),
+    _k("job", NKAT_JOB, str, "job", "job to run: a built-in name or module:Class"),
     _k("min_dimension", 1, int, "job", "smallest N of the NKAT analysis", low=1, high=2**62),
     _k("max_dimension", 100000, int, "job", "largest N (inclusive)", low=1, high=2**62,
        seed="max_dimension / max_N"),
     _k("precision_mode", "balanced", str, "job", "float32, float64, or float64 + mpmath check",
        choices=("speed", "balanced", "precision"), seed="precision_mode"),
+    _k("unit_dims", 65536, int, "job", "dimensions per unit (fixed by the spec: part of the result)",
+       low=1, high=2**24),
+    _k("curve_points", 512, int, "job", "points of the downsampled S(N) curve", low=2, high=65536),
+    _k("mpmath_samples", 64, int, "job", "N sampled for the 256-bit mpmath check (precision mode)",
+       low=1, high=4096),
     # The worker -----------------------------------------------------------------------
     _k("backend", "auto", str, "worker", "array backend for the worker",
        choices=("auto", "numpy", "cupy")),
@@ -85,9 +92,11 @@ KEYS: tuple[Key, ...] = (
        low=0, high=2**31, seed="memory_limit"),
     _k("memory_reserve", 1024, int, "worker", "MB of GPU memory left free for others",
        low=0, high=2**31, seed="memory_reserve"),
-    _k("heartbeat_interval", 1.0, float, "worker", "seconds between heartbeats", low=0.05, high=60),
+    _k("heartbeat_interval", 1.0, float, "worker", "seconds between heartbeats",
+       low=0.05, high=60),
     _k("supervisor_timeout", 60.0, float, "worker",
-       "seconds an unacknowledged checkpoint may wait before the worker gives up", low=1, high=3600),
+       "seconds an unacknowledged checkpoint may wait before the worker gives up",
+       low=1, high=3600),
     _k("ack_resend", 5.0, float, "worker", "seconds before an unacknowledged message is resent",
        low=0.1, high=600),
     # Liveness and restarts --------------------------------------------------------------
@@ -108,7 +117,8 @@ KEYS: tuple[Key, ...] = (
     _k("restart_delay", 1.0, float, "supervisor", "first restart backoff (s)", low=0, high=3600),
     _k("restart_delay_max", 60.0, float, "supervisor", "largest restart backoff (s)",
        low=0, high=86400),
-    _k("max_restarts", 5, int, "supervisor", "restarts allowed in restart_window", low=0, high=10000),
+    _k("max_restarts", 5, int, "supervisor", "restarts allowed in restart_window",
+       low=0, high=10000),
     _k("restart_window", 600.0, float, "supervisor", "crash-loop window (s)", low=1, high=864000),
     _k("stable_after", 60.0, float, "supervisor", "uptime after which backoff resets (s)",
        low=0, high=86400),
@@ -136,6 +146,13 @@ KEYS: tuple[Key, ...] = (
        low=0, high=86400),
     _k("power_limit", None, float, "supervisor", "warn at 95% of this many watts",
        low=1, high=100000, seed="power_limit", nullable=True),
+    _k("memory_high_water", 0.95, float, "supervisor",
+       "GPU memory fraction at which the worker is told to free memory", low=0.5, high=1.0),
+    _k("leak_rss_growth_mb", 1024, int, "supervisor",
+       "worker RSS growth (MB) within leak_window that triggers a planned restart",
+       low=1, high=2**31),
+    _k("leak_window", 600.0, float, "supervisor", "window (s) for leak_rss_growth_mb",
+       low=1, high=864000),
     _k("gpu_index", 0, int, "supervisor", "which GPU (NVML index) the worker uses", low=0, high=63),
     _k("gpu_poll_interval", 1.0, float, "supervisor", "seconds between GPU readings",
        low=0.05, high=60),
@@ -173,9 +190,19 @@ class Config(Mapping[str, Any]):
         return {k.name: self.settings[k.name] for k in KEYS if k.role == role}
 
     def job_spec(self) -> dict[str, Any]:
-        """The spec a run is identified by: the job and its params."""
-        params = {k: v for k, v in self.role("job").items() if k != "job"}
-        return {"job": self.settings["job"], "params": params}
+        """The spec a run is identified by: the job and its params.
+
+        The built-in NKAT job takes the job keys of the table; another job takes only
+        ``params.NAME`` keys (``--set params.n=1000``, or a ``[params]`` table).
+        """
+        job = self.settings["job"]
+        if job == NKAT_JOB:
+            params = {k: v for k, v in self.role("job").items() if k != "job"}
+        else:
+            params = {}
+        params.update({k[len(PARAM_PREFIX):]: v for k, v in self.settings.items()
+                       if k.startswith(PARAM_PREFIX)})
+        return {"job": job, "params": params}
 
     def with_overrides(self, overrides: Mapping[str, Any], source: str) -> Config:
         values, sources = dict(self.settings), dict(self.sources)
@@ -194,6 +221,8 @@ def unknown_key_message(name: str) -> str:
 
 def coerce(name: str, raw: Any) -> Any:
     """Check one value against its key (converting text from --set); ConfigError if bad."""
+    if name.startswith(PARAM_PREFIX) and len(name) > len(PARAM_PREFIX):
+        return _parse_text(raw) if isinstance(raw, str) else raw  # the job validates it
     key = KEY_BY_NAME.get(name)
     if key is None:
         raise ConfigError(unknown_key_message(name))
@@ -251,6 +280,9 @@ def _check_relations(values: Mapping[str, Any]) -> None:
     for low, high in zip(temps, temps[1:], strict=False):
         if values[low] > values[high]:
             raise ConfigError(f"{low} ({values[low]}) must not exceed {high} ({values[high]})")
+    if values["target_temperature"] >= values["thermal_throttle_temp"]:
+        raise ConfigError("target_temperature must be below thermal_throttle_temp "
+                          "(the gap is the hysteresis that stops throttling from flapping)")
     if values["stall_timeout_min"] > values["stall_timeout_max"]:
         raise ConfigError("stall_timeout_min must not exceed stall_timeout_max")
     if values["restart_delay"] > values["restart_delay_max"]:
@@ -276,7 +308,7 @@ def parse_set_options(options: Iterable[str]) -> dict[str, str]:
         name = name.strip()
         if not sep or not name:
             raise ConfigError(f"--set {option!r}: expected KEY=VALUE")
-        if name not in KEY_BY_NAME:
+        if name not in KEY_BY_NAME and not name.startswith(PARAM_PREFIX):
             raise ConfigError(unknown_key_message(name))
         out[name] = value
     return out
@@ -295,12 +327,14 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from None
     flat: dict[str, Any] = {}
     for name, value in data.items():
-        if isinstance(value, dict):
+        if name == "params" and isinstance(value, dict):
+            flat.update({PARAM_PREFIX + k: v for k, v in value.items()})
+        elif isinstance(value, dict):
             flat.update(value)
         else:
             flat[name] = value
     for name in flat:
-        if name not in KEY_BY_NAME:
+        if name not in KEY_BY_NAME and not name.startswith(PARAM_PREFIX):
             raise ConfigError(f"config file {path}: {unknown_key_message(name)}")
     return flat
 

@@ -1,27 +1,33 @@
 """How the supervisor ends a worker: cmd stop, stack dump, SIGTERM, SIGKILL, confirm.
 
-    seq = KillSequence(KillSettings(), KillReason.STALLED)
-    while (action := seq.next_action(clock(), alive=worker_alive())) is not Action.DONE:
-        if action is Action.KILL_FAILED: ...             # never relaunch over it
-        do(action)                                       # the shell sends; seq only decides
-        poll_until(seq.deadline)                         # wake at the step's deadline
+    seq = KillSequence(KillSettings.from_config(config), KillReason.STALLED)
+    action = seq.next_action(clock(), alive=worker_alive())   # each loop turn
+    # send_stop | send_dump | send_sigterm | send_sigkill: do it; wait: nothing to do
+    # before seq.deadline; done: gone, relaunch is safe; kill_failed: never relaunch
+    seq.escalate(KillReason.THERMAL_EMERGENCY)                # a more urgent reason came
 
-A pure state machine: the shell records the reason durably first, performs each action
-(``send_stop`` = ``cmd stop{deadline_s: stop_deadline}``; signals go to the whole process
-group), reaps, and reports ``alive``. ``alive`` means the worker is not yet reaped or (with
-NVML) its pid still holds the GPU, so ``done`` is only answered once both are false.
+A pure state machine. The shell records the reason durably before the first action,
+performs each action (``send_stop`` = ``cmd stop{deadline_s: stop_deadline}``;
+``send_dump`` = SIGUSR1 to the worker; SIGTERM and SIGKILL go to the whole process group),
+reaps, and reports ``alive``: the worker's group is not yet reaped, or (with NVML) its
+pid still holds the GPU. ``done`` is answered only once ``alive`` is false.
 
-Where the sequence starts depends on the reason (:func:`first_step`):
+Where a sequence starts depends on the reason (:func:`first_step`):
 
-- graceful (operator, thermal stop, leak, stalled): ``cmd stop`` first, so the worker can
-  send a final checkpoint; if it is still alive after ``stop_deadline``: dump, SIGTERM …
-- unresponsive, start-up timeout, Xid: skip ``cmd stop``. An unresponsive worker reads no
-  commands (typically a hang with the GIL held); before its first progress there is
-  nothing to save; after an Xid the device memory behind a checkpoint is suspect.
-- thermal emergency: SIGKILL at once, no dump, no grace.
+- STOP (operator, thermal stop, leak restart, stalled): ``cmd stop`` first, so the worker
+  can send a final checkpoint; still alive after ``stop_deadline`` → dump, SIGTERM, …
+  A stalled worker still beats, so it reads its socket, and its main loop may yet come
+  back from a long kernel in time to save its progress.
+- TERM (unresponsive, start-up timeout, Xid, GPU reset, operator "stop now", WAL
+  failure): skip ``cmd stop``. An unresponsive worker reads no commands (typically a hang
+  with the GIL held); before the first progress there is nothing to save; after an Xid
+  the device memory behind a checkpoint is suspect; after a WAL failure no checkpoint
+  can be made durable; an operator asking twice does not want to wait.
+- KILL (thermal emergency; a leader that exited while its group or GPU context lingers):
+  SIGKILL at once, no dump, no grace.
 
-Every path that signals dumps the stacks first (SIGUSR1 → faulthandler, which runs in
-C and so works with the GIL held) and waits ``dump_grace`` for the dump to be written.
+Every path that signals dumps the stacks first (SIGUSR1 → faulthandler, which runs in C
+and so works with the GIL held) and waits ``dump_grace`` for the dump to be written.
 """
 
 from __future__ import annotations
@@ -29,14 +35,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from nkat.supervisor.policy_settings import FromConfig
 
-class KillReason(enum.Enum):
-    """Why the supervisor ends a worker; also tells the restart policy what the exit was.
+
+class KillReason(enum.StrEnum):
+    """Why the supervisor ends a worker; the restart policy classifies the exit by it.
 
     The three watchdog reasons share their values with ``watchdog.VerdictKind``.
     """
 
     OPERATOR = "operator"
+    OPERATOR_NOW = "operator_now"
     THERMAL_STOP = "thermal_stop"
     THERMAL_EMERGENCY = "thermal_emergency"
     UNRESPONSIVE = "unresponsive"
@@ -45,21 +54,23 @@ class KillReason(enum.Enum):
     LEAK = "leak"
     XID_RESTART = "xid_restart"
     GPU_RESET = "gpu_reset"
+    WAL_FAILED = "wal_failed"
+    LINGERING = "lingering"
 
 
-class Action(enum.Enum):
+class Action(enum.StrEnum):
     """What the shell does next."""
 
-    SEND_STOP = "send_stop"  # cmd stop{deadline_s: settings.stop_deadline}
-    SEND_DUMP = "send_dump"  # SIGUSR1 to the worker pid (faulthandler dump)
-    SEND_SIGTERM = "send_sigterm"  # to the process group
-    SEND_SIGKILL = "send_sigkill"  # to the process group
-    WAIT = "wait"  # nothing to do before seq.deadline
-    DONE = "done"  # gone: reaped and off the GPU; safe to relaunch
-    KILL_FAILED = "kill_failed"  # still there after SIGKILL + kill_confirm; never relaunch
+    SEND_STOP = "send_stop"
+    SEND_DUMP = "send_dump"
+    SEND_SIGTERM = "send_sigterm"
+    SEND_SIGKILL = "send_sigkill"
+    WAIT = "wait"
+    DONE = "done"
+    KILL_FAILED = "kill_failed"
 
 
-class Step(enum.Enum):
+class Step(enum.StrEnum):
     """Where a sequence begins (see :func:`first_step`)."""
 
     STOP = "stop"
@@ -68,14 +79,14 @@ class Step(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class KillSettings:
+class KillSettings(FromConfig):
     """Deadlines of the kill sequence, in seconds.
 
     stop_deadline: after ``cmd stop``, how long the worker has to send its final
         checkpoint, have it acknowledged and exit (also sent as ``deadline_s``).
     term_grace: after SIGTERM, how long before SIGKILL.
     dump_grace: after SIGUSR1, how long the faulthandler dump gets to reach the log.
-    kill_confirm: after SIGKILL, how long the process may take to be reaped and release
+    kill_confirm: after SIGKILL, how long the group may take to be reaped and release
         the GPU before the supervisor declares ``kill_failed``.
     """
 
@@ -94,15 +105,19 @@ _FIRST_STEP = {
     KillReason.OPERATOR: Step.STOP,
     KillReason.THERMAL_STOP: Step.STOP,
     KillReason.LEAK: Step.STOP,
-    # Beats still arrive, so the process reads its socket; the main loop may yet come
-    # back from a long kernel in time to save its progress.
     KillReason.STALLED: Step.STOP,
+    KillReason.OPERATOR_NOW: Step.TERM,
     KillReason.UNRESPONSIVE: Step.TERM,
     KillReason.STARTUP_TIMEOUT: Step.TERM,
     KillReason.XID_RESTART: Step.TERM,
     KillReason.GPU_RESET: Step.TERM,
+    KillReason.WAL_FAILED: Step.TERM,
     KillReason.THERMAL_EMERGENCY: Step.KILL,
+    KillReason.LINGERING: Step.KILL,
 }
+
+# The action each step begins with.
+_ENTRY = {Step.STOP: Action.SEND_STOP, Step.TERM: Action.SEND_DUMP, Step.KILL: Action.SEND_SIGKILL}
 
 
 def first_step(reason: KillReason) -> Step:
@@ -111,36 +126,47 @@ def first_step(reason: KillReason) -> Step:
 
 
 class KillSequence:
-    """One worker's way out; a new sequence for every kill."""
+    """One worker's way out. ``reason`` stays the first reason, even after escalation."""
 
     def __init__(self, settings: KillSettings, reason: KillReason) -> None:
         self.reason = reason
         s = settings
-        signal_steps = [
+        self._plan = [
+            (Action.SEND_STOP, s.stop_deadline),
             (Action.SEND_DUMP, s.dump_grace),
             (Action.SEND_SIGTERM, s.term_grace),
             (Action.SEND_SIGKILL, s.kill_confirm),
         ]
-        step = first_step(reason)
-        if step is Step.STOP:
-            self._plan = [(Action.SEND_STOP, s.stop_deadline), *signal_steps]
-        elif step is Step.TERM:
-            self._plan = signal_steps
-        else:
-            self._plan = [(Action.SEND_SIGKILL, s.kill_confirm)]
-        self._next = 0
+        self._next = self._index(_ENTRY[first_step(reason)])
         self._deadline: float | None = None
         self._outcome: Action | None = None
         self.last_sent: Action | None = None
 
+    def _index(self, action: Action) -> int:
+        return [a for a, _ in self._plan].index(action)
+
     @property
     def deadline(self) -> float | None:
-        """When to call :meth:`next_action` again at the latest; None once finished."""
+        """When to call :meth:`next_action` again at the latest; None when it need not
+        wait (before the first action, after an escalation, once finished)."""
         return None if self._outcome is not None else self._deadline
 
     @property
-    def finished(self) -> bool:
-        return self._outcome is not None
+    def signalled(self) -> bool:
+        """Past ``cmd stop``: a dump or a signal was sent (the worker is KILLING)."""
+        return self.last_sent not in (None, Action.SEND_STOP)
+
+    def escalate(self, reason: KillReason) -> bool:
+        """Jump ahead to where ``reason`` would begin, if that is further on; the next
+        call to :meth:`next_action` then acts at once. True if it jumped."""
+        target = self._index(_ENTRY[first_step(reason)])
+        if self._outcome is not None or target < self._next:
+            return False
+        if target == self._next and self._deadline is None:
+            return False
+        self._next = target
+        self._deadline = None
+        return True
 
     def next_action(self, now: float, alive: bool) -> Action:
         """The next thing to do; ``done`` and ``kill_failed`` are final and repeat."""

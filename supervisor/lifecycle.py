@@ -1,10 +1,10 @@
 """The worker's lifecycle as the supervisor sees it: states and the moves between them.
 
-    state = WorkerState.STARTING
-    state = transition(state, WorkerState.RUNNING)     # IllegalTransition if not allowed
+    check_transition(state, WorkerState.RUNNING)       # IllegalTransition if not allowed
+    state = WorkerState.RUNNING
 
-The shell holds the current state and moves it only through :func:`transition`, so a bug
-in the loop shows up as an error naming both states rather than as a silent odd state.
+The shell holds the current state and moves it only after :func:`check_transition`, so a
+bug in the loop shows up as an error naming both states rather than as a silent odd state.
 """
 
 from __future__ import annotations
@@ -13,18 +13,22 @@ import enum
 from collections.abc import Mapping
 
 
-class WorkerState(enum.Enum):
+class WorkerState(enum.StrEnum):
     """Where the current worker (or the wait for the next one) stands.
 
-    STARTING     spawned; handshake, restore and the first batch (watchdog start-up).
+    IDLE         no worker yet: the supervisor has just started.
+    STARTING     spawned; until the handshake (hello → welcome).
     RUNNING      progressing. Throttling is not a state of its own: the thermal ladder
                  owns the duty, and a throttled worker is still RUNNING.
     PAUSED       the operator paused it; beats arrive, progress is frozen, not a stall.
     STOPPING     ``cmd stop`` sent; waiting for the final checkpoint and exit.
-    KILLING      signals sent (SIGTERM / SIGKILL to the process group), waiting to reap.
+    KILLING      stack dump or signals sent (SIGTERM / SIGKILL to the process group);
+                 waiting to reap. A sequence that starts past ``cmd stop`` enters it
+                 directly; a graceful one moves here from STOPPING with its first signal.
     EXITED       reaped and confirmed off the GPU; the restart policy decides what next.
     BACKOFF      waiting the restart delay before the next worker.
-    COOLING      stopped or killed for heat; waiting for the thermal ladder's resume.
+    COOLING      stopped or killed for heat (or too hot to start); waiting for the
+                 thermal ladder's resume.
     KILL_FAILED  still alive (or holding the GPU) after SIGKILL; nothing is relaunched
                  over it. The supervisor exits; the run stays resumable.
     COMPLETED    the result is durable.
@@ -33,6 +37,7 @@ class WorkerState(enum.Enum):
 
     Moves (everything else is illegal)::
 
+        IDLE      -> STARTING | COOLING | STOPPED | GAVE_UP
         STARTING  -> RUNNING | PAUSED | STOPPING | KILLING | EXITED
         RUNNING   -> PAUSED | STOPPING | KILLING | EXITED
         PAUSED    -> RUNNING | STOPPING | KILLING | EXITED
@@ -42,10 +47,9 @@ class WorkerState(enum.Enum):
         BACKOFF   -> STARTING | COOLING | STOPPED | GAVE_UP
         COOLING   -> STARTING | STOPPED | GAVE_UP
         KILL_FAILED, COMPLETED, STOPPED, GAVE_UP: final
-
-    A run begins in STARTING, or in COOLING when the GPU is already too hot to start.
     """
 
+    IDLE = "idle"
     STARTING = "starting"
     RUNNING = "running"
     PAUSED = "paused"
@@ -72,6 +76,7 @@ class WorkerState(enum.Enum):
 _S = WorkerState
 
 TRANSITIONS: Mapping[WorkerState, frozenset[WorkerState]] = {
+    _S.IDLE: frozenset({_S.STARTING, _S.COOLING, _S.STOPPED, _S.GAVE_UP}),
     _S.STARTING: frozenset({_S.RUNNING, _S.PAUSED, _S.STOPPING, _S.KILLING, _S.EXITED}),
     _S.RUNNING: frozenset({_S.PAUSED, _S.STOPPING, _S.KILLING, _S.EXITED}),
     _S.PAUSED: frozenset({_S.RUNNING, _S.STOPPING, _S.KILLING, _S.EXITED}),
@@ -104,8 +109,7 @@ def can_transition(src: WorkerState, dst: WorkerState) -> bool:
     return dst in TRANSITIONS[src]
 
 
-def transition(src: WorkerState, dst: WorkerState) -> WorkerState:
-    """Return ``dst`` if ``src -> dst`` is allowed, else raise :class:`IllegalTransition`."""
+def check_transition(src: WorkerState, dst: WorkerState) -> None:
+    """Raise :class:`IllegalTransition` unless the table allows ``src -> dst``."""
     if dst not in TRANSITIONS[src]:
         raise IllegalTransition(src, dst)
-    return dst

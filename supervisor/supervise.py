@@ -12,6 +12,7 @@ append to the WAL, answer, signal, spawn. It reads like DESIGN.md §6.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
@@ -22,18 +23,17 @@ from typing import Any
 
 import psutil
 import zmq
-
-from nkat.protocol import exitcodes
 from nkat.protocol import messages as m
 from nkat.protocol.wal import RecordType, Wal, WalError
+from nkat.supervisor import control
 from nkat.supervisor.config import Config
+from nkat.supervisor.health import GpuHealth
+from nkat.supervisor.kill_sequence import Action, KillReason, KillSequence, KillSettings
 from nkat.supervisor.lifecycle import WorkerState, check_transition
-from nkat.supervisor.restart_policy import ExitInfo, RestartPolicy, RestartSettings
+from nkat.supervisor.restart_policy import Decision, ExitInfo, RestartPolicy, RestartSettings
 from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.spawn import WorkerProcess
-from nkat.supervisor.watchdog import KillSequence, Watchdog, WatchdogSettings
-from nkat.supervisor import control
-from nkat.supervisor.health import GpuHealth
+from nkat.supervisor.watchdog import Watchdog, WatchdogSettings
 
 EXIT_COMPLETED = 0
 EXIT_GAVE_UP = 3
@@ -65,7 +65,7 @@ class Supervisor:
         self.exit_code: int | None = None
         self.outcome: str | None = None
         self.kill: KillSequence | None = None
-        self.kill_reason: str | None = None  # exit class the supervisor caused
+        self.kill_reason: KillReason | None = None  # why the supervisor ended the worker
         self.pending_resume_at: float | None = None
         self.stop_requested: str | None = None  # why the operator asked to stop
         self.signals: collections.deque[int] = collections.deque()
@@ -283,14 +283,14 @@ class Supervisor:
         started = time.perf_counter()
         payload = {"ckpt_seq": msg.ckpt_seq, "epoch": msg.epoch, "units_done": msg.units_done,
                    "digest": msg.digest, "t_wall": time.time()}
-        if not self._durable(lambda: self.wal.append_checkpoint(payload, msg.state)):
+        if not self._durable(self.wal.append_checkpoint, payload, msg.state):
             return
         latency = time.perf_counter() - started
         self.ckpt_latency.append(latency)
         self.durable_ckpt_seq = msg.ckpt_seq
         self.durable_units = msg.units_done
         self.last_ckpt_wall = payload["t_wall"]
-        self.policy.on_durable_progress(now, msg.ckpt_seq)
+        self.policy.on_durable_checkpoint(msg.ckpt_seq)
         self._send(m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))
         self.log.info("checkpoint.durable", epoch=msg.epoch, ckpt_seq=msg.ckpt_seq,
                       units_done=msg.units_done, bytes=len(msg.state),
@@ -302,24 +302,24 @@ class Supervisor:
             self._protocol_error("result digest mismatch", b"")
             return
         if not self.done_recorded:
-            if not self._durable(lambda: self.wal.append(
+            if not self._durable(self.wal.append,
                     RecordType.DONE, {"result": msg.result, "digest": msg.digest,
-                                      "t_wall": time.time()})):
+                                      "t_wall": time.time()}):
                 return
             self.run_dir.write_result(msg.result)
             self.done_recorded = True
             self.log.info("run.completed", epoch=msg.epoch, result=str(self.run_dir.result_file))
         self._send(m.Ack(epoch=msg.epoch, ckpt_seq=m.DONE_ACK_SEQ))
 
-    def _durable(self, append: Callable[[], Any]) -> bool:
+    def _durable(self, append: Callable[..., Any], *args: Any) -> bool:
         """Run a WAL append; on failure stop everything (fail-stop: no ack, no retry)."""
         try:
-            append()
+            append(*args)
             return True
         except (WalError, OSError) as exc:
             self.log.critical("wal.write_failed", error=str(exc),
                               advice="free disk space or fix the device, then run start again")
-            self._begin_kill(self.clock(), "wal_failed", graceful=False)
+            self._begin_kill(self.clock(), KillReason.WAL_FAILED)
             self._finish("wal_failed", EXIT_GAVE_UP)
             return False
 
@@ -363,7 +363,7 @@ class Supervisor:
             name = signal.Signals(sig).name
             if self.stop_requested and sig == signal.SIGINT:
                 self.log.warning("supervisor.stop_now", signal=name)
-                self._begin_kill(now, "operator", graceful=False)
+                self._begin_kill(now, KillReason.OPERATOR_NOW)
             else:
                 self._request_stop(now, f"signal {name}")
 
@@ -373,14 +373,14 @@ class Supervisor:
         self.stop_requested = why
         self.log.info("run.stopping", reason=why, epoch=self.epoch)
         if self.state in (WorkerState.RUNNING, WorkerState.PAUSED, WorkerState.STARTING):
-            self._begin_kill(now, "operator", graceful=True)
+            self._begin_kill(now, KillReason.OPERATOR)
         elif self.state in (WorkerState.BACKOFF, WorkerState.COOLING, WorkerState.IDLE):
             self._record_stop(why)
 
     def _record_stop(self, why: str) -> None:
-        self._durable(lambda: self.wal.append(RecordType.STOP, {
+        self._durable(self.wal.append, RecordType.STOP, {
             "reason": why, "desired": "stopped", "t_wall": time.time(),
-            "ckpt_seq": self.durable_ckpt_seq}))
+            "ckpt_seq": self.durable_ckpt_seq})
         self.log.info("run.stopped", reason=why, ckpt_seq=self.durable_ckpt_seq)
         self._finish("stopped", EXIT_STOPPED)
 
@@ -394,9 +394,9 @@ class Supervisor:
 
     def _start_worker(self, reason: str) -> None:
         self.epoch += 1
-        if not self._durable(lambda: self.wal.append(RecordType.EPOCH, {
+        if not self._durable(self.wal.append, RecordType.EPOCH, {
                 "epoch": self.epoch, "reason": reason, "t_wall": time.time(),
-                "resume_ckpt_seq": self.durable_ckpt_seq})):
+                "resume_ckpt_seq": self.durable_ckpt_seq}):
             return
         self.worker = WorkerProcess(self.epoch, self.run_dir.endpoint("worker"),
                                     self.config["backend"])
@@ -416,7 +416,8 @@ class Supervisor:
             self.pending_resume_at = None
             self.restarts += 1
             self._start_worker("restart")
-        elif self.state is WorkerState.COOLING and self.health and self.health.may_resume(now):
+        elif self.state is WorkerState.COOLING and (self.health is None
+                                                     or self.health.may_resume(now)):
             self.log.info("thermal.resume", epoch=self.epoch)
             self._start_worker("thermal_resume")
 
@@ -430,59 +431,79 @@ class Supervisor:
         self.log.error(f"watchdog.{verdict.kind}", epoch=self.epoch,
                        deadline_s=round(verdict.deadline, 3),
                        overdue_s=round(verdict.overdue_by, 3), last_beats=list(self.last_beats))
-        self._begin_kill(now, "hung", graceful=verdict.kind != "unresponsive",
-                         detail=verdict.kind)
+        self._begin_kill(now, verdict.kill_reason, detail=str(verdict.details))
 
-    def _begin_kill(self, now: float, reason: str, *, graceful: bool, detail: str = "") -> None:
-        """Stop the worker: durable reason first, then a faulthandler dump, then signals."""
-        if self.worker is None or self.kill is not None and (graceful or self.kill.immediate):
+    def _begin_kill(self, now: float, reason: KillReason, detail: str = "") -> None:
+        """End the worker: the reason is made durable first, then the kill sequence runs
+        (cmd stop, faulthandler dump, SIGTERM, SIGKILL — where it starts depends on why)."""
+        if self.worker is None:
             return
-        self._durable(lambda: self.wal.append(RecordType.EVENT, {
-            "kind": "kill", "reason": reason, "detail": detail, "epoch": self.epoch,
-            "t_wall": time.time(), "graceful": graceful}))
+        if self.kill is not None:
+            if self.kill.escalate(reason):
+                self.log.warning("worker.kill_escalated", epoch=self.epoch, reason=reason.value)
+            return
+        self._durable(self.wal.append, RecordType.EVENT, {
+            "kind": "kill", "reason": reason.value, "detail": detail, "epoch": self.epoch,
+            "t_wall": time.time()})
         self.kill_reason = reason
-        if reason == "hung":
-            self.worker.signal_group(signal.SIGUSR1)  # faulthandler: every thread's stack
-        self.kill = KillSequence(now, stop_deadline=self.config["stop_deadline"],
-                                 term_grace=self.config["term_grace"], immediate=not graceful)
-        self._set_state(WorkerState.STOPPING)
-        self.log.warning("worker.killing", epoch=self.epoch, reason=reason, detail=detail,
-                         graceful=graceful)
+        self.kill = KillSequence(KillSettings.from_config(self.config), reason)
+        self.log.warning("worker.killing", epoch=self.epoch, reason=reason.value, detail=detail)
+        self._advance_kill(now)
 
     def _advance_kill(self, now: float) -> None:
-        if self.kill is None or self.worker is None:
+        worker, seq = self.worker, self.kill
+        if seq is None or worker is None:
             return
-        alive = self.worker.group_alive()
-        action = self.kill.next_action(now, alive)
-        if action == "send_stop":
-            self._send(m.Cmd(epoch=self.worker.epoch, op="stop",
+        alive = worker.group_alive() or bool(self.health and not
+                                             self.health.pid_released(worker.pid))
+        action = seq.next_action(now, alive)
+        if action is Action.SEND_STOP:
+            self._send(m.Cmd(epoch=worker.epoch, op="stop",
                              args={"deadline_s": self.config["stop_deadline"]}))
-        elif action == "sigterm":
-            self.log.warning("worker.sigterm", epoch=self.epoch, pid=self.worker.pid)
-            self.worker.signal_group(signal.SIGTERM)
-        elif action == "sigkill":
-            self.log.warning("worker.sigkill", epoch=self.epoch, pid=self.worker.pid)
-            self.worker.signal_group(signal.SIGKILL)
-        elif action == "kill_failed":
-            self.log.critical("worker.kill_failed", epoch=self.epoch, pid=self.worker.pid,
-                              advice="a process survived SIGKILL (stuck in the driver?); "
-                                     "reboot or reset the GPU, then run start again")
-            self._durable(lambda: self.wal.append(RecordType.EVENT, {
-                "kind": "kill_failed", "epoch": self.epoch, "pid": self.worker.pid
-                if self.worker else None, "t_wall": time.time()}))
+        elif action is Action.SEND_DUMP:
+            self.log.warning("worker.dump_requested", epoch=self.epoch, pid=worker.pid,
+                             last_beats=list(self.last_beats))
+            with _suppress_lookup():
+                os.kill(worker.pid, signal.SIGUSR1)  # faulthandler: every thread's stack
+        elif action is Action.SEND_SIGTERM:
+            self.log.warning("worker.sigterm", epoch=self.epoch, pid=worker.pid)
+            worker.signal_group(signal.SIGTERM)
+        elif action is Action.SEND_SIGKILL:
+            self.log.warning("worker.sigkill", epoch=self.epoch, pid=worker.pid)
+            worker.signal_group(signal.SIGKILL)
+        elif action is Action.KILL_FAILED:
+            self.log.critical("worker.kill_failed", epoch=self.epoch, pid=worker.pid,
+                              advice="a process survived SIGKILL or still holds the GPU "
+                                     "(stuck in the driver?); reboot or reset the GPU, then "
+                                     "run start again")
+            self._durable(self.wal.append, RecordType.EVENT, {
+                "kind": "kill_failed", "epoch": self.epoch, "pid": worker.pid,
+                "t_wall": time.time()})
             self._set_state(WorkerState.KILL_FAILED)
             self._finish("kill_failed", EXIT_GAVE_UP)
+            return
+        if action in (Action.SEND_STOP, Action.WAIT) and not seq.signalled:
+            target = WorkerState.STOPPING
+        elif action is not Action.DONE:
+            target = WorkerState.KILLING
+        else:
+            return
+        if self.state is not target and self.state.has_process:
+            self._set_state(target)
 
     def _check_worker_exit(self, now: float) -> None:
         worker = self.worker
         if worker is None or worker.poll() is None:
             return
-        if self.kill is not None and worker.group_alive():
-            return  # the leader is gone, the group is not: the kill sequence goes on
-        if self.health and not self.health.pid_released(worker.pid):
-            if self.kill is None:
-                self._begin_kill(now, "crashed", graceful=False)
+        lingering = worker.group_alive() or bool(
+            self.health and not self.health.pid_released(worker.pid))
+        if lingering:
+            # The leader is gone but its group or GPU context is not: end them first,
+            # never relaunch over them.
+            self._begin_kill(now, KillReason.LINGERING)
             return
+        if self.kill is not None:
+            self._advance_kill(now)  # lets the sequence see the worker gone
         for fd in list(worker.output_fds):
             for line in worker.read_lines(fd):
                 self.log.info("worker.output", epoch=worker.epoch, line=line)
@@ -493,37 +514,43 @@ class Supervisor:
                         completed=self.done_recorded)
         decision = self.policy.decide(now, info)
         self.log.info("worker.exited", epoch=worker.epoch, pid=worker.pid,
-                      how=worker.describe_exit(), exit_class=decision.exit_class,
-                      action=decision.action, reason=decision.reason)
+                      how=worker.describe_exit(), exit_class=decision.exit_class.value,
+                      action=decision.action.value, reason=decision.reason)
         self.worker = None
         self.kill = None
         self._set_state(WorkerState.EXITED)
-        self._decide(now, decision)
+        if self.exit_code is None:
+            self._decide(now, decision)
 
-    def _decide(self, now: float, decision: Any) -> None:
-        if decision.action == "complete":
+    def _decide(self, now: float, decision: Decision) -> None:
+        action = decision.action.value
+        if action == "complete":
             self._set_state(WorkerState.COMPLETED)
             self._finish("completed", EXIT_COMPLETED)
         elif self.stop_requested:
             self._record_stop(self.stop_requested)
-        elif decision.action == "give_up":
-            self._durable(lambda: self.wal.append(RecordType.EVENT, {
-                "kind": "gave_up", "reason": decision.reason, "t_wall": time.time()}))
+        elif action == "give_up":
+            self._durable(self.wal.append, RecordType.EVENT, {
+                "kind": "gave_up", "reason": decision.reason, "t_wall": time.time()})
             self.log.error("run.gave_up", reason=decision.reason, ckpt_seq=self.durable_ckpt_seq,
                            advice="fix the cause, then run start again to resume")
             self._set_state(WorkerState.GAVE_UP)
             self._finish("gave_up", EXIT_GAVE_UP)
-        elif decision.action == "wait_cooldown":
+        elif action == "wait_cooldown":
             self._set_state(WorkerState.COOLING)
             self.log.warning("thermal.cooling", epoch=self.epoch)
+        elif action == "stop":
+            self._record_stop(decision.reason)
         else:
-            self._durable(lambda: self.wal.append(RecordType.EVENT, {
-                "kind": "restart", "reason": decision.reason, "exit_class": decision.exit_class,
-                "delay_s": decision.delay, "t_wall": time.time()}))
+            self._durable(self.wal.append, RecordType.EVENT, {
+                "kind": "restart", "reason": decision.reason,
+                "exit_class": decision.exit_class.value, "delay_s": decision.delay,
+                "t_wall": time.time()})
             self.pending_resume_at = now + decision.delay
             self._set_state(WorkerState.BACKOFF)
             self.log.warning("worker.restart_scheduled", reason=decision.reason,
-                             delay_s=round(decision.delay, 3), exit_class=decision.exit_class)
+                             delay_s=round(decision.delay, 3),
+                             exit_class=decision.exit_class.value)
 
     def _shutdown_worker_now(self) -> None:
         """On the way out, never leave a worker behind."""
@@ -546,19 +573,26 @@ class Supervisor:
         assert self.health is not None
         for action in self.health.poll(now, self.worker.pid if self.worker else None):
             kind = action.kind
-            if kind == "throttle" and self.state in (WorkerState.RUNNING, WorkerState.PAUSED):
-                self._send(m.Cmd(epoch=self.epoch, op="throttle", args={"duty": action.duty}))
-            elif kind == "free_memory" and self.state is WorkerState.RUNNING:
-                self._send(m.Cmd(epoch=self.epoch, op="free_memory"))
-            elif kind in ("thermal_stop", "thermal_kill", "restart", "gpu_reset", "leak"):
-                self._durable(lambda: self.wal.append(RecordType.EVENT, {
-                    "kind": kind, "reason": action.reason, "epoch": self.epoch,
-                    "t_wall": time.time()}))
-                if self.worker is not None and self.kill is None:
-                    self._begin_kill(now, _KILL_CLASS[kind], graceful=kind != "thermal_kill",
-                                     detail=action.reason)
-                elif kind == "gpu_reset":
-                    self._finish("gave_up", EXIT_GAVE_UP)
+            if kind == "throttle":
+                if self.state in (WorkerState.RUNNING, WorkerState.PAUSED):
+                    self._send(m.Cmd(epoch=self.epoch, op="throttle",
+                                     args={"duty": action.duty or 1.0}))
+                continue
+            if kind == "free_memory":
+                if self.state is WorkerState.RUNNING:
+                    self._send(m.Cmd(epoch=self.epoch, op="free_memory"))
+                continue
+            self._durable(self.wal.append, RecordType.EVENT, {
+                "kind": kind, "reason": action.reason, "epoch": self.epoch,
+                "t_wall": time.time()})
+            if self.worker is not None:
+                self._begin_kill(now, _KILL_REASON[kind], detail=action.reason)
+            elif kind == "gpu_reset":
+                self.log.error("run.gave_up", reason=action.reason)
+                self._finish("gave_up", EXIT_GAVE_UP)
+            elif kind in ("thermal_stop", "thermal_kill") and self.state is WorkerState.BACKOFF:
+                self.pending_resume_at = None
+                self._set_state(WorkerState.COOLING)
 
     # Status -------------------------------------------------------------------------------
     def _set_state(self, new: WorkerState) -> None:
@@ -613,9 +647,11 @@ class Supervisor:
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 _RESERVED = {"event", "level", "ts", "run_id", "component", "epoch"}
-_KILL_CLASS = {"thermal_stop": "thermal", "thermal_kill": "thermal", "restart": "crashed",
-               "gpu_reset": "gpu_reset", "leak": "leak"}
+_KILL_REASON = {"thermal_stop": KillReason.THERMAL_STOP,
+                "thermal_kill": KillReason.THERMAL_EMERGENCY,
+                "restart": KillReason.XID_RESTART, "gpu_reset": KillReason.GPU_RESET,
+                "leak": KillReason.LEAK}
 
 
-def worker_exit_name(code: int | None) -> str:
-    return exitcodes.NAMES.get(code, str(code)) if code is not None else "running"
+def _suppress_lookup() -> contextlib.AbstractContextManager[None]:
+    return contextlib.suppress(ProcessLookupError)

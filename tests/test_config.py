@@ -15,8 +15,16 @@ def test_defaults_and_sources(tmp_path):
     assert cfg["max_dimension"] == 5000
     assert cfg["checkpoint_interval"] == 10.0 and cfg.source("checkpoint_interval") == "--set"
     assert cfg["backup_checkpoints"] == 3 and cfg.source("backup_checkpoints") == "default"
-    assert cfg.job_spec() == {"job": "nkat-highdim", "params": {
-        "min_dimension": 1, "max_dimension": 5000, "precision_mode": "balanced"}}
+    spec = cfg.job_spec()
+    assert spec["job"] == "nkat-highdim"
+    assert spec["params"]["max_dimension"] == 5000 and spec["params"]["min_dimension"] == 1
+
+
+def test_custom_job_takes_only_params_keys(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("job = 'squares:SumOfSquares'\n[params]\nn = 7\n")
+    cfg = load_config(path, ["params.scale=2.5"])
+    assert cfg.job_spec() == {"job": "squares:SumOfSquares", "params": {"n": 7, "scale": 2.5}}
 
 
 @pytest.mark.parametrize("option,words", [

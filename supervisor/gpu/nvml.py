@@ -112,9 +112,7 @@ def _candidates(gate: Gate) -> dict[str, list[_Query]]:
             ),
         ],
         "clocks": [
-            _Query(
-                ("clock_event_reasons",), "nvmlDeviceGetCurrentClocksEventReasons", _one_int
-            ),
+            _Query(("clock_event_reasons",), "nvmlDeviceGetCurrentClocksEventReasons", _one_int),
             _Query(
                 ("clock_event_reasons",),
                 "nvmlDeviceGetCurrentClocksThrottleReasons",
@@ -254,25 +252,34 @@ class NvmlSensor:
         return gpu
 
     def _choose(self, gpu: _Gpu, group: str, queries: list[_Query]) -> _Query | None:
-        """The first API in `queries` that this driver and GPU answer, or None."""
-        passed_over = []
+        """The first API in `queries` that this driver and GPU answer, or None.
+
+        An API that fails otherwise (e.g. Unknown Error, as memory v2 does under WSL) is
+        passed over for an older one that answers, and kept if none does: polls then
+        report its errors.
+        """
+        passed_over: list[str] = []
+        failing: _Query | None = None
         for query in queries:
             result = self._call(gpu, query)
-            if isinstance(result, Failure):
-                if result.kind == "lost":
-                    self._lose(gpu, result)
-                    return None
-                if result.kind in ("missing", "unsupported"):
-                    passed_over.append(result.message)
-                    continue
-            # Answered, or failed in a way that may pass: keep it, polls report errors.
-            if passed_over:
-                self._notes.append(f"GPU {gpu.device.index}: {group} via {query.name} "
-                                   f"({'; '.join(passed_over)})")
-            return query
-        self._notes.append(f"GPU {gpu.device.index}: {group} not reported "
-                           f"({'; '.join(passed_over)})")
-        return None
+            if not isinstance(result, Failure):
+                if passed_over:
+                    self._notes.append(
+                        f"GPU {gpu.device.index}: {group} via {query.name} "
+                        f"({'; '.join(passed_over)})"
+                    )
+                return query
+            if result.kind == "lost":
+                self._lose(gpu, result)
+                return None
+            passed_over.append(result.message)
+            if result.kind not in ("missing", "unsupported"):
+                failing = failing or query
+        if failing is None:
+            self._notes.append(
+                f"GPU {gpu.device.index}: {group} not reported ({'; '.join(passed_over)})"
+            )
+        return failing
 
     def _read_thresholds(self, gate: Gate, gpu: _Gpu) -> Thresholds:
         values: dict[str, float | None] = dict.fromkeys(t[0] for t in _THRESHOLDS)
@@ -282,7 +289,7 @@ class NvmlSensor:
             fields = gate("nvmlDeviceGetFieldValues", gpu.handle, ids)
             if not isinstance(fields, Failure):
                 for (attr, _, _), fv in zip(_THRESHOLDS, fields, strict=True):
-                    if fv.nvmlReturn == 0:
+                    if fv.nvmlReturn == 0 and fv.valueType < len(_VALUE_MEMBERS):
                         offset = getattr(fv.value, _VALUE_MEMBERS[fv.valueType])
                         celsius = t_limit - float(offset)
                         if _PLAUSIBLE_C[0] <= celsius <= _PLAUSIBLE_C[1]:
@@ -292,6 +299,8 @@ class NvmlSensor:
                 got = gate("nvmlDeviceGetTemperatureThreshold", gpu.handle, gate.const(legacy))
                 if not isinstance(got, Failure):
                     values[attr] = float(got)
+        if all(v is None for v in values.values()):
+            self._notes.append(f"GPU {gpu.device.index}: reports no temperature thresholds")
         power = gate("nvmlDeviceGetEnforcedPowerLimit", gpu.handle)
         return Thresholds(
             **values,
@@ -300,14 +309,13 @@ class NvmlSensor:
 
     def _t_limit(self, gpu: _Gpu) -> float | None:
         """Temperature plus thermal margin now: the base of the threshold offsets."""
-        parts = []
+        total = 0.0
         for group in ("temperature", "thermal_margin"):
             query = gpu.queries.get(group)
-            result = None if query is None else self._call(gpu, query)
-            if result is None or isinstance(result, Failure):
+            if query is None or isinstance(result := self._call(gpu, query), Failure):
                 return None
-            parts.append(float(result))
-        return sum(parts)
+            total += query.convert(result)[0]
+        return total
 
     # -- polling ---------------------------------------------------------------------
 
@@ -329,20 +337,26 @@ class NvmlSensor:
         for group, query in list(gpu.queries.items()):
             if group == "pids" and not list_pids:
                 continue
-            result = self._call(gpu, query)
-            if not isinstance(result, Failure):
-                values.update(zip(query.fields, query.convert(result), strict=True))
-            elif result.kind == "lost":
-                self._lose(gpu, result)
+            got = self._ask(gpu, group, query)
+            if gpu.lost:
                 return _lost_reading(gpu, now)
-            elif result.kind in ("unsupported", "missing"):
-                del gpu.queries[group]
-                gpu.unsupported.update(query.fields)
-                self._notes.append(f"GPU {index}: {group} no longer reported ({result.message})")
-            else:
-                errors.update(dict.fromkeys(query.fields, result.message))
-        return Reading(t_mono=now, index=index, **values,
-                       unsupported=frozenset(gpu.unsupported), errors=errors)
+            if not isinstance(got, Failure):
+                values.update(zip(query.fields, got, strict=True))
+            elif got.kind not in ("unsupported", "missing"):
+                errors.update(dict.fromkeys(query.fields, got.message))
+        return Reading(
+            t_mono=now, index=index, **values, unsupported=frozenset(gpu.unsupported), errors=errors
+        )
+
+    def processes(self, index: int) -> tuple[int, ...] | None:
+        """The pids using the GPU now, off the every-few-polls cadence (to confirm that a
+        killed worker let go of the GPU); None when that cannot be known."""
+        gpu = self._gpus[index]
+        query = None if gpu.lost else gpu.queries.get("pids")
+        if query is None:
+            return None
+        got = self._ask(gpu, "pids", query)
+        return None if isinstance(got, Failure) else got[0]
 
     def events(self) -> list[XidEvent]:
         return [] if self._watcher is None else self._watcher.drain()
@@ -359,14 +373,30 @@ class NvmlSensor:
         assert self._gate is not None, "NvmlSensor used before open()"
         return self._gate(query.func, gpu.handle, *query.args, **query.kwargs)
 
+    def _ask(self, gpu: _Gpu, group: str, query: _Query) -> tuple[Any, ...] | Failure:
+        """One poll of one query; a lost GPU or an unsupported field is remembered."""
+        result = self._call(gpu, query)
+        if not isinstance(result, Failure):
+            return query.convert(result)
+        if result.kind == "lost":
+            self._lose(gpu, result)
+        elif result.kind in ("unsupported", "missing"):
+            del gpu.queries[group]
+            gpu.unsupported.update(query.fields)
+            self._notes.append(
+                f"GPU {gpu.device.index}: {group} no longer reported ({result.message})"
+            )
+        return result
+
     def _lose(self, gpu: _Gpu, failure: Failure) -> None:
         gpu.lost = True
         self._notes.append(f"GPU {gpu.device.index}: lost ({failure.message})")
 
 
 def _lost_reading(gpu: _Gpu, now: float) -> Reading:
-    return Reading(t_mono=now, index=gpu.device.index, lost=True,
-                   unsupported=frozenset(gpu.unsupported))
+    return Reading(
+        t_mono=now, index=gpu.device.index, lost=True, unsupported=frozenset(gpu.unsupported)
+    )
 
 
 def _import_pynvml() -> ModuleType:

@@ -10,6 +10,8 @@ Two sensors implement it: `NvmlSensor` (a real GPU through NVML) and `ScriptedSe
         reading = sensor.read(device.index, clock())  # about 1 Hz
     for event in sensor.events():      # Xid events seen since the last call
         ...
+    for note in sensor.take_notes():   # API fallbacks, fields not reported, GPU lost
+        log(note)
     sensor.close()
 
 A value the GPU does not report is None and its field is named in `Reading.unsupported`
@@ -37,10 +39,6 @@ FIELDS = (
     "ecc_uncorrected_volatile",
     "pids",
 )
-
-# Xids after which NVIDIA says the GPU needs a reset or a reboot (DESIGN.md §6): 48 double
-# bit ECC, 79 fallen off the bus, 95 uncontained ECC.
-RESET_XIDS = frozenset({48, 79, 95})
 
 
 class GpuUnavailable(RuntimeError):
@@ -99,9 +97,11 @@ class Reading:
     """One poll of one GPU.
 
     temperature and thermal_margin in °C (margin: degrees left before the nearest slowdown
-    threshold, negative past it), power in W, memory in bytes. `pids` is None on polls
-    that did not list processes (they are listed only every few polls). `lost` means the
-    GPU fell off the bus or needs a reset: every value is None from then on.
+    threshold, negative past it), power in W, memory in bytes. memory_used leaves out
+    the driver's reserved memory when memory_reserved is reported (NVML memory v2) and
+    includes it otherwise (v1). `pids` is None on polls that did not list processes (they
+    are listed every few polls; `GpuSensor.processes` lists them at once). `lost` means
+    the GPU fell off the bus or needs a reset: every value is None from then on.
     """
 
     t_mono: float
@@ -133,18 +133,14 @@ class XidEvent:
     """A critical GPU event: an Xid error, a double-bit ECC error, the GPU gone.
 
     kind: "xid" (`xid` holds the code), "ecc_double_bit" or "gpu_unavailable" (`xid` is
-    None). `index` is -1 when the event could not be tied to a device.
+    None). `index` is -1 when the event could not be tied to a device. What an event
+    means for the run is `nkat.supervisor.xid.classify_event`'s business.
     """
 
     t_mono: float
     index: int
     xid: int | None
     kind: str = "xid"
-
-    @property
-    def needs_reset(self) -> bool:
-        """True when the GPU cannot be trusted again before a reset or a reboot."""
-        return self.kind != "xid" or self.xid in RESET_XIDS
 
 
 class GpuSensor(Protocol):
@@ -162,6 +158,11 @@ class GpuSensor(Protocol):
 
     def read(self, index: int, now: float) -> Reading: ...
 
+    def processes(self, index: int) -> tuple[int, ...] | None: ...
+
     def events(self) -> list[XidEvent]: ...
 
-    def notes(self) -> list[str]: ...
+    def take_notes(self) -> list[str]:
+        """Notes for the operator since the last call (API fallbacks, fields not reported,
+        GPU lost, simulated GPU): the supervisor logs each once."""
+        ...

@@ -41,7 +41,9 @@ class XidWatcher:
         self._timeout_ms = timeout_ms
         self._kinds = {gate.const(name): kind for name, kind in _EVENT_KINDS if gate.has(name)}
         # Older bindings only have the unversioned wait; newer ones alias it to _v2.
-        self._wait = "nvmlEventSetWait_v2" if gate.has("nvmlEventSetWait_v2") else "nvmlEventSetWait"
+        self._wait = (
+            "nvmlEventSetWait_v2" if gate.has("nvmlEventSetWait_v2") else "nvmlEventSetWait"
+        )
         self._queue: deque[XidEvent] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()

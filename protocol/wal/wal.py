@@ -1,0 +1,329 @@
+"""The Wal: one writer's handle on a log directory and its blob directory.
+
+It joins the pieces: recovery at open, appends through the segment writer, checkpoint
+states inline or in blobs, retention, and fail-stop on any I/O error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ..messages import state_digest
+from .blobs import blob_name, chunk_crcs, write_blob
+from .checkpoints import (
+    STATE_FIELDS,
+    Checkpoint,
+    CheckpointEntry,
+    CheckpointInfo,
+    check_meta,
+)
+from .errors import WalCorrupted, WalError, WalIOError
+from .fileio import FileIO, RealIO
+from .format import (
+    BLOB_SUFFIX,
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    TMP_SUFFIX,
+    RecordType,
+    pack_payload,
+    unpack_payload,
+)
+from .reader import FrameReader, load_state
+from .recovery import Recovery, recover
+from .writer import SegmentWriter
+
+MIN_SEGMENT_SIZE = 1024
+#: Record types callers append directly; checkpoints go through append_checkpoint and
+#: seals are the writer's own.
+APPENDABLE = frozenset({RecordType.RUN, RecordType.EPOCH, RecordType.EVENT, RecordType.DONE,
+                        RecordType.STOP})
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    type: RecordType
+    payload: dict[str, Any]
+
+
+class Wal:
+    """The write-ahead log of one run. Not thread-safe: one thread uses it."""
+
+    def __init__(self, io: FileIO, wal_dir: Path, blob_dir: Path, writer: SegmentWriter,
+                 checkpoints: list[CheckpointEntry], run: dict[str, Any], recovery: Recovery,
+                 *, salvage: bool, backup_checkpoints: int, inline_limit: int,
+                 blob_chunk: int) -> None:
+        """Use Wal.open."""
+        self._io, self.wal_dir, self.blob_dir = io, wal_dir, blob_dir
+        self._writer = writer
+        self._ckpts = checkpoints  # every checkpoint record in the retained segments
+        self._run = run
+        self.recovery = recovery
+        self._salvage = salvage
+        self._backup = backup_checkpoints
+        self._inline_limit = inline_limit
+        self._blob_chunk = blob_chunk
+        self._failed: str | None = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, wal_dir: Path, blob_dir: Path, *, run: dict[str, Any] | None = None,
+             salvage: bool = False, backup_checkpoints: int = 3, segment_size: int = 64 << 20,
+             inline_limit: int = 1 << 20, blob_chunk: int = 1 << 20,
+             io: FileIO | None = None) -> Wal:
+        """Open (creating if absent) the log in ``wal_dir`` with blobs in ``blob_dir``.
+
+        An empty log needs ``run``, which becomes its first record. An existing log is
+        recovered first (see Wal.recovery); a ``run`` that differs from the stored one is
+        appended as a new run record. Raises WalCorrupted if sealed or acknowledged data
+        is damaged, unless ``salvage``, which cuts the log back to the newest checkpoint
+        that verifies. WalIOError if the file system fails.
+        """
+        if backup_checkpoints < 1:
+            raise ValueError("backup_checkpoints must be at least 1")
+        if segment_size < MIN_SEGMENT_SIZE:
+            raise ValueError(f"segment_size must be at least {MIN_SEGMENT_SIZE}")
+        if not 0 <= inline_limit <= MAX_PAYLOAD // 2 or blob_chunk < 1:
+            raise ValueError("inline_limit or blob_chunk out of range")
+        run_bytes = pack_payload(run) if run is not None else None
+        io = io if io is not None else RealIO()
+        wal_dir, blob_dir = Path(wal_dir), Path(blob_dir)
+        try:
+            for directory in (wal_dir, blob_dir):
+                _ensure_dir(io, directory)
+                _remove_tmp(io, directory)
+            scan, recovery = recover(io, wal_dir, blob_dir, salvage)
+            if scan.run is not None:
+                stored, next_seq = pack_payload(scan.run), scan.last_seq + 1
+            elif run_bytes is not None:
+                stored, next_seq = run_bytes, 1
+            else:
+                raise ValueError("an empty WAL needs the run record")
+            if not scan.segments or scan.segments[-1].seal_crc is not None:
+                writer = SegmentWriter.create(io, wal_dir, segment_size, scan.segments,
+                                              next_seq, stored)
+            else:
+                writer = SegmentWriter(io, wal_dir, segment_size, scan.segments, next_seq,
+                                       stored)
+        except OSError as exc:
+            raise WalIOError(f"WAL open failed: {exc}", exc.errno) from exc
+        wal = cls(io, wal_dir, blob_dir, writer, scan.checkpoints, unpack_payload(stored),
+                  recovery, salvage=salvage, backup_checkpoints=backup_checkpoints,
+                  inline_limit=inline_limit, blob_chunk=blob_chunk)
+        try:
+            with wal._failstop("open"):
+                if writer.active.first_seq is None:
+                    writer.start_segment()
+                wal._retain(orphans=True)
+            if run is not None and unpack_payload(pack_payload(run)) != wal._run:
+                wal.append(RecordType.RUN, run)
+        except BaseException:
+            wal._abandon()
+            raise
+        return wal
+
+    # Reading --------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self._writer.next_seq - 1
+
+    @property
+    def run_payload(self) -> dict[str, Any]:
+        """The newest run record's payload."""
+        return self._run
+
+    def records(self) -> Iterator[Record]:
+        """Every retained record in seq order, read back from disk and checked again."""
+        for seg in list(self._writer.segments):
+            buf = self._read(seg.path)
+            reader = FrameReader(buf, seg.salt, HEADER_SIZE, seg.first_seq)
+            for frame in reader:
+                try:
+                    payload = unpack_payload(frame.payload)
+                except ValueError as exc:
+                    raise WalCorrupted(seg.path, frame.offset, str(exc)) from None
+                yield Record(frame.seq, RecordType(frame.rtype), payload)
+            if reader.end < seg.end:
+                raise WalCorrupted(seg.path, reader.end, reader.reason or "record vanished")
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The retained checkpoints (the newest ``backup_checkpoints`` that still have
+        their state), oldest first, without loading their states."""
+        return [CheckpointInfo.of(e) for e in self._retained() if not e.pruned]
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest durable checkpoint with its state verified, or None if there is
+        none. WalCorrupted if its state does not verify, unless the log was opened with
+        salvage: then the newest retained checkpoint that verifies."""
+        candidates = [e for e in self._retained() if not e.pruned]
+        for entry in reversed(candidates):
+            path = self._segment_path(entry.segment)
+            try:
+                state = load_state(self._io, path, entry, self.blob_dir)
+            except ValueError as exc:
+                if self._salvage:
+                    continue
+                raise WalCorrupted(path, entry.offset, str(exc)) from None
+            except OSError as exc:
+                raise WalIOError(f"reading checkpoint {entry.seq} failed: {exc}",
+                                 exc.errno) from exc
+            m = entry.meta
+            return Checkpoint(entry.seq, m["ckpt_seq"], m["epoch"], m["units_done"],
+                              m["digest"], float(m["t_wall"]), state)
+        return None
+
+    # Writing --------------------------------------------------------------------------
+
+    def append(self, rtype: RecordType, payload: dict[str, Any]) -> int:
+        """Append a record; return its seq once it is durable (written and fdatasynced).
+        WalIOError (and no more appends) if the file system fails."""
+        if rtype not in APPENDABLE:
+            raise ValueError(f"cannot append a {RecordType(rtype).name} record directly")
+        data = pack_payload(payload)
+        with self._failstop("append"):
+            seq = self._writer.append(rtype, data).seq
+        if rtype == RecordType.RUN:
+            self._run = unpack_payload(data)
+        return seq
+
+    def append_checkpoint(self, payload: dict[str, Any], state: bytes) -> int:
+        """Append a checkpoint; return its record's seq once it and its state are durable.
+
+        ``payload`` holds ckpt_seq, epoch, units_done, digest (state_digest of ``state``,
+        checked here) and t_wall. A state up to ``inline_limit`` bytes goes into a ckpt
+        record; a larger one into a blob file, made durable before the ckpt_ref record
+        that commits it. Older checkpoints beyond ``backup_checkpoints`` are then removed.
+        """
+        check_meta(payload)
+        if any(k in payload for k in STATE_FIELDS):
+            raise ValueError(f"checkpoint payload may not use the keys {STATE_FIELDS}")
+        if not isinstance(state, bytes) or state_digest(state) != payload["digest"]:
+            raise ValueError("checkpoint digest does not match its state")
+        meta = unpack_payload(pack_payload(payload))
+        with self._failstop("checkpoint"):
+            if len(state) <= self._inline_limit:
+                written = self._writer.append(RecordType.CKPT,
+                                              pack_payload({**payload, "state": state}))
+                entry = CheckpointEntry(written.seq, written.segment, written.offset,
+                                        written.end, meta, len(state))
+            else:
+                name = blob_name(payload["ckpt_seq"])
+                crcs = chunk_crcs(state, self._blob_chunk)
+                write_blob(self._io, self.blob_dir, name, state)
+                ref = {"blob": name, "size": len(state), "chunk": self._blob_chunk, "crcs": crcs}
+                written = self._writer.append(RecordType.CKPT_REF,
+                                              pack_payload({**payload, **ref}))
+                entry = CheckpointEntry(written.seq, written.segment, written.offset,
+                                        written.end, meta, len(state), name,
+                                        self._blob_chunk, crcs)
+            self._ckpts.append(entry)
+            self._retain(orphans=False)
+        return written.seq
+
+    def close(self) -> None:
+        """Release the files. Everything appended is already durable."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.close()
+        except OSError as exc:
+            raise WalIOError(f"WAL close failed: {exc}", exc.errno) from exc
+
+    def _abandon(self) -> None:
+        """Close after a failed open, keeping the error that made it fail."""
+        self._closed = True
+        with suppress(OSError):
+            self._writer.close()
+
+    def __enter__(self) -> Wal:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # Internals ------------------------------------------------------------------------
+
+    @contextmanager
+    def _failstop(self, what: str) -> Iterator[None]:
+        if self._closed:
+            raise WalError("the WAL is closed")
+        if self._failed is not None:
+            raise WalIOError(f"the WAL stopped after an I/O error ({self._failed}); "
+                             "reopen it to continue")
+        try:
+            yield
+        except OSError as exc:
+            # No retry, ever: after a failed fsync the page cache may hold data the
+            # disk does not, and a second fsync would report success for it.
+            self._failed = f"{what}: {exc}"
+            raise WalIOError(f"WAL {what} failed: {exc}", exc.errno) from exc
+
+    def _retained(self) -> list[CheckpointEntry]:
+        return self._ckpts[-self._backup:]
+
+    def _segment_path(self, number: int) -> Path:
+        return next(s.path for s in self._writer.segments if s.number == number)
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            return self._io.read_file(path)
+        except OSError as exc:
+            raise WalIOError(f"reading {path} failed: {exc}", exc.errno) from exc
+
+    def _retain(self, *, orphans: bool) -> None:
+        """Remove blobs and sealed segments that only older checkpoints need.
+
+        Unlinks go oldest first, each made durable before the next, so a crash leaves
+        removed blobs as a prefix of the ckpt_ref records (check_blobs relies on it) and
+        never a hole in the segment sequence.
+        """
+        io = self._io
+        kept = self._retained()
+        for entry in self._ckpts[:-self._backup]:
+            if entry.blob is not None and not entry.pruned:
+                with suppress(FileNotFoundError):
+                    io.unlink(self.blob_dir / entry.blob)
+                io.fsync_dir(self.blob_dir)
+                entry.pruned = True
+        segments = self._writer.segments
+        # Invariant: the segment holding the oldest retained checkpoint stays, and so
+        # does every later one, the active one included.
+        while kept and segments[0].number < kept[0].segment:
+            io.unlink(segments.pop(0).path)
+            io.fsync_dir(self.wal_dir)
+        first = segments[0].number
+        self._ckpts[:] = [e for e in self._ckpts if e.segment >= first]
+        if orphans:
+            wanted = {e.blob for e in self._ckpts if e.blob is not None and not e.pruned}
+            stale = [name for name in io.listdir(self.blob_dir)
+                     if name.endswith(BLOB_SUFFIX) and name not in wanted]
+            for name in stale:
+                io.unlink(self.blob_dir / name)
+            if stale:
+                io.fsync_dir(self.blob_dir)
+
+
+def _ensure_dir(io: FileIO, path: Path) -> None:
+    if io.exists(path):
+        return
+    _ensure_dir(io, path.parent)
+    io.mkdir(path)
+    io.fsync_dir(path.parent)
+
+
+def _remove_tmp(io: FileIO, directory: Path) -> None:
+    """Leftovers of a crash mid-write; nothing refers to a *.tmp file."""
+    stale = [name for name in io.listdir(directory) if name.endswith(TMP_SUFFIX)]
+    for name in stale:
+        io.unlink(directory / name)
+    if stale:
+        io.fsync_dir(directory)
+

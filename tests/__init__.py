@@ -1,0 +1,1 @@
+"""Tests of nkat-supervise (run with pytest from the repository root)."""

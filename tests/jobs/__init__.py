@@ -1,0 +1,1 @@
+"""Small jobs for tests, importable by worker processes as ``tests.jobs.<module>:<Class>``."""

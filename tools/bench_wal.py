@@ -1,0 +1,145 @@
+"""WAL figures for ``python tools/bench.py wal``: append cost against a raw fdatasync loop,
+recovery time of a full 64 MiB segment, and the crash campaign's count.
+
+Runs in a fresh directory under the system temporary directory (a real disk here; a
+tmpfs would make fdatasync free and the ratio meaningless, so its file system is
+printed too). Rates are medians over alternating rounds, so drift in a shared
+machine's load hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from nkat.protocol.wal import RealIO, RecordType, Wal
+from nkat.protocol.wal.crashcheck import RUN, run_campaign
+from nkat.protocol.wal.format import frame_size, pack_payload
+
+RECORD_BYTES = 8192
+SEGMENT_BYTES = 64 << 20
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    rounds, per_round = (3, 150) if args.quick else (7, 600)
+    with tempfile.TemporaryDirectory(prefix="nkat-bench-wal-") as tmp:
+        base = Path(tmp)
+        wal_rate, raw_rate = _append_rates(base, rounds, per_round)
+        cold, warm, records = _recover_times(base / "recover")
+    start = time.perf_counter()
+    campaign = run_campaign(500 if args.quick else None, seed=0)
+    return {
+        "wal_append_vs_raw_fsync": round(wal_rate / raw_rate, 3),
+        "wal_append_per_s": round(wal_rate, 1),
+        "wal_raw_fdatasync_per_s": round(raw_rate, 1),
+        "wal_record_bytes": RECORD_BYTES,
+        "wal_bench_fs": _fs_type(tempfile.gettempdir()),
+        "wal_recover_s_64mib": round(cold, 4),
+        "wal_recover_s_64mib_warm": round(warm, 4),
+        "wal_recover_records": records,
+        "wal_crash_states_checked": campaign.states_checked,
+        "wal_crash_violations": len(campaign.violations),
+        "wal_crash_campaign_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def _event(pad: int) -> dict[str, object]:
+    return {"kind": "bench", "data": b"\x5a" * pad}
+
+
+def _pad_for_frame(size: int) -> int:
+    """The data length that makes an event record's frame exactly ``size`` bytes."""
+    pad = size - frame_size(len(pack_payload(_event(0))))
+    while frame_size(len(pack_payload(_event(pad)))) > size:
+        pad -= 1
+    return pad
+
+
+def _append_rates(base: Path, rounds: int, per_round: int) -> tuple[float, float]:
+    """Records per second, one at a time, each durable before the next: through the
+    Wal, and as raw write + fdatasync of the same bytes to a file in the same place."""
+    record = _event(_pad_for_frame(RECORD_BYTES))
+    raw = os.urandom(RECORD_BYTES)
+    wal = Wal.open(base / "wal", base / "blobs", run=RUN, segment_size=SEGMENT_BYTES)
+    fd = os.open(base / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    wal_rates, raw_rates = [], []
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(per_round):
+                os.write(fd, raw)
+                os.fdatasync(fd)
+            raw_rates.append(per_round / (time.perf_counter() - start))
+            start = time.perf_counter()
+            for _ in range(per_round):
+                wal.append(RecordType.EVENT, record)
+            wal_rates.append(per_round / (time.perf_counter() - start))
+    finally:
+        os.close(fd)
+        wal.close()
+    return statistics.median(wal_rates), statistics.median(raw_rates)
+
+
+class _NoSyncIO(RealIO):
+    """Builds the recovery fixture quickly; the bench syncs the result once at the end."""
+
+    def fdatasync(self, fd: int) -> None:
+        pass
+
+    def fsync(self, fd: int) -> None:
+        pass
+
+    def fsync_dir(self, path: Path) -> None:
+        pass
+
+
+def _recover_times(base: Path) -> tuple[float, float, int]:
+    """Seconds for Wal.open on an active segment filled to the brim with 8 KiB records:
+    with its pages evicted from the page cache (cold), then with them cached (warm)."""
+    wal_dir, blob_dir = base / "wal", base / "blobs"
+    record = _event(_pad_for_frame(RECORD_BYTES))
+    with Wal.open(wal_dir, blob_dir, run=RUN, segment_size=SEGMENT_BYTES, io=_NoSyncIO()) as wal:
+        while wal.last_seq * RECORD_BYTES < SEGMENT_BYTES - 2 * RECORD_BYTES:
+            wal.append(RecordType.EVENT, record)
+    segment = wal_dir / "0000000000000000.wal"
+    assert len(list(wal_dir.glob("*.wal"))) == 1  # one segment, full
+    colds, warms = [], []
+    for _ in range(3):
+        _evict(segment)
+        start = time.perf_counter()
+        with Wal.open(wal_dir, blob_dir, segment_size=SEGMENT_BYTES) as wal:
+            colds.append(time.perf_counter() - start)
+            records = wal.recovery.records
+        start = time.perf_counter()
+        Wal.open(wal_dir, blob_dir, segment_size=SEGMENT_BYTES).close()
+        warms.append(time.perf_counter() - start)
+    return statistics.median(colds), statistics.median(warms), records
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _fs_type(path: str) -> str:
+    """The file system type of the mount holding ``path`` (from /proc/mounts)."""
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                point = fields[1]
+                if (path == point or path.startswith(point.rstrip("/") + "/")) \
+                        and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind

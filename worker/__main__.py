@@ -1,0 +1,57 @@
+"""``python -m nkat.worker``: a supervised worker by default, or ``--standalone``.
+
+Supervised, everything comes from the NKAT_* environment the supervisor sets
+(docs/architecture.md); standalone, from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nkat.worker import standalone, supervised
+from nkat.worker.backend import BACKENDS
+
+DESCRIPTION = """\
+Run a job: under nkat-supervise (the default; it sets NKAT_ENDPOINT, NKAT_TOKEN,
+NKAT_EPOCH, NKAT_SUPERVISOR_PID, NKAT_BACKEND), or alone with --standalone, which
+prints the result JSON (the same compute path, with no checkpoints or heartbeats).
+"""
+
+EPILOG = """\
+examples:
+  python -m nkat.worker --standalone --set max_dimension=100000
+  python -m nkat.worker --standalone --job mypkg.jobs:MyJob --set n=10 --out result.json
+
+--set values are JSON literals where they parse (3, 0.5, true), else strings.
+Keys batch_size, batch_size_adaptive, memory_limit and memory_reserve (MB) tune the
+runtime; every other key is a job param. Exit codes: 0 done, 2 usage error, and the
+worker codes of nkat.protocol.exitcodes (11 fatal job error, 12 OOM, 13 CUDA sticky).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nkat.worker", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--standalone", action="store_true",
+                        help="run without a supervisor and print the result")
+    parser.add_argument("--job", help="built-in job name or module:Class (default nkat-highdim)")
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        metavar="KEY=VALUE", help="a job param or runtime setting (repeatable)")
+    parser.add_argument("--backend", choices=BACKENDS, help="array backend (default auto)")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="write the result JSON here instead of stdout")
+    args = parser.parse_args(argv)
+    if not args.standalone:
+        if args.job or args.sets or args.backend or args.out:
+            parser.error("--job, --set, --backend and --out need --standalone; a supervised "
+                         "worker reads NKAT_* from the environment")
+        supervised.main()
+    return standalone.run(args.job or "nkat-highdim", args.sets, args.backend or "auto",
+                          args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

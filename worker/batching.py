@@ -1,0 +1,58 @@
+"""How many units the next batch gets: a small policy, pure and clock-free.
+
+Start from the configured size. When adaptive, double while throughput improves by more
+than ``GROWTH_GAIN`` and batches stay short; halve on OOM or memory pressure and never
+grow back to a size that ran out of memory. The unit, not the batch, defines the result,
+so every size is correct: this only trades speed against memory and responsiveness.
+"""
+
+from __future__ import annotations
+
+#: A doubling must raise units/s by more than this factor to be kept growing.
+GROWTH_GAIN = 1.05
+#: Commands and checkpoints wait for the batch in progress, so batches stay this short.
+MAX_BATCH_SECONDS = 1.0
+#: Hard cap on a batch, whatever the timings say.
+MAX_BATCH_UNITS = 1 << 20
+
+
+class BatchSizer:
+    """The batch size and the evidence for changing it (fed by the compute loop)."""
+
+    def __init__(self, initial: int, *, adaptive: bool, units_total: int) -> None:
+        self.size = max(1, initial)
+        #: Growth stops here; an OOM lowers it below the size that failed.
+        self.cap = max(self.size, min(MAX_BATCH_UNITS, units_total))
+        self._growing = adaptive
+        self._warm = False
+        self._best: tuple[int, float] | None = None  # (size, units/s) before the last doubling
+
+    def observe(self, units: int, seconds: float, *, headroom: bool) -> bool:
+        """Record a finished batch; True when the size changed."""
+        if not self._growing or units != self.size or seconds <= 0:
+            return False
+        if not self._warm:
+            # The first batch pays one-off costs (imports, kernel compilation): not evidence.
+            self._warm = True
+            return False
+        rate = units / seconds
+        if self._best is not None and rate <= self._best[1] * GROWTH_GAIN:
+            # The last doubling did not pay: settle on the better of the two sizes.
+            self._growing = False
+            if rate < self._best[1]:
+                self.size = self._best[0]
+                return True
+            return False
+        self._best = (self.size, rate)
+        if self.size * 2 > self.cap or seconds * 2 > MAX_BATCH_SECONDS or not headroom:
+            self._growing = False
+            return False
+        self.size *= 2
+        return True
+
+    def shrink(self, failed_size: int) -> int:
+        """A batch of ``failed_size`` ran out of memory (or memory is short): halve, and
+        keep every later batch below it. Returns the new size."""
+        self.size = max(1, failed_size // 2)
+        self.cap = max(1, min(self.cap, failed_size - 1))
+        return self.size

@@ -1,0 +1,109 @@
+"""Standalone mode: run a job with no supervisor and no socket, print its result.
+
+The same :class:`~nkat.worker.runtime.Runner` as a supervised worker (same batching, same
+job calls) minus checkpoints and beats, so it is the honest "bare" baseline that
+supervision overhead is measured against. Logs go to stderr as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nkat.protocol import exitcodes
+from nkat.protocol.messages import Message
+from nkat.worker.backend import BackendUnavailable, select_backend
+from nkat.worker.failpoints import ENV as FAILPOINTS_ENV
+from nkat.worker.failpoints import FailpointError, Failpoints
+from nkat.worker.heartbeat import Board
+from nkat.worker.job import JobNotFound, JobParamsError, resolve_job
+from nkat.worker.runtime import RunFailed, Runner, canonical_json, spec_hash
+from nkat.worker.settings import SettingsError, parse_settings
+
+USAGE_ERROR = 2
+#: ``--set`` keys that tune the runtime; every other key is a job param.
+RUNTIME_KEYS = frozenset({"batch_size", "batch_size_adaptive", "memory_limit", "memory_reserve"})
+#: Failpoints with ``epoch=E`` treat a standalone run as the first epoch.
+STANDALONE_EPOCH = 1
+
+
+class UsageError(ValueError):
+    """A command line that cannot run (exit code 2)."""
+
+
+class StderrLink:
+    """Where a standalone runner's logs go; nothing ever arrives in its inbox."""
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+
+    def log(self, level: str, event: str, fields: Mapping[str, Any]) -> None:
+        print(json.dumps({"level": level, "event": event, **fields}), file=sys.stderr)
+
+    def extend(self, seconds: float, reason: str) -> None:
+        """No deadline to extend without a supervisor."""
+
+    def post_ckpt(self, ckpt_seq: int, units_done: int, job_state: bytes,
+                  runtime: Mapping[str, Any]) -> None:
+        raise AssertionError("a standalone run takes no checkpoints")
+
+
+def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``KEY=VALUE`` pairs -> (runtime settings, job params). A value is a JSON literal
+    where it parses as one (``3``, ``0.5``, ``true``, ``[1,2]``), else a string."""
+    settings: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        (settings if key in RUNTIME_KEYS else params)[key] = value
+    return settings, params
+
+
+def run(job_name: str, sets: Sequence[str], backend_name: str, out: Path | None) -> int:
+    """Run ``job_name`` to completion here; returns the exit code."""
+    try:
+        raw_settings, params = parse_sets(sets)
+        settings = parse_settings(raw_settings)
+        job = resolve_job(job_name)(params)
+        backend = select_backend(backend_name)
+        failpoints = Failpoints.parse(os.environ.get(FAILPOINTS_ENV, ""), STANDALONE_EPOCH)
+    except JobParamsError as exc:
+        return _fail(f"bad params for job {job_name}: {exc}", USAGE_ERROR)
+    except (UsageError, SettingsError, JobNotFound, BackendUnavailable, FailpointError) as exc:
+        return _fail(str(exc), USAGE_ERROR)
+    except Exception:  # the job's constructor has a bug
+        return _fail(traceback.format_exc(), exitcodes.FATAL)
+    failpoints.install()
+    try:
+        runner = Runner(job, backend, settings, StderrLink(), Board(), failpoints,
+                        epoch=STANDALONE_EPOCH,
+                        spec_hash=spec_hash({"job": job_name, "params": params}),
+                        checkpoints=False)
+        result = runner.run()
+    except RunFailed as failure:
+        return _fail(f"{failure.kind}: {failure.message}\n{failure.traceback}",
+                     failure.exit_code)
+    text = canonical_json(result) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+    return exitcodes.DONE
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"nkat.worker: {message}", file=sys.stderr, flush=True)
+    return code

@@ -29,7 +29,7 @@ from nkat.protocol.messages import (
 )
 
 __all__ = [
-    "CMD_OPS", "DONE_ACK_SEQ", "MESSAGE_TYPES", "PROTOCOL_VERSION", "Ack", "Beat", "Ckpt", "Cmd", "Done",
-    "Extend", "Fail", "Hello", "Log", "Message", "ProtocolError", "Resume", "Welcome",
-    "decode", "encode", "state_digest",
+    "CMD_OPS", "DONE_ACK_SEQ", "MESSAGE_TYPES", "PROTOCOL_VERSION", "Ack", "Beat", "Ckpt",
+    "Cmd", "Done", "Extend", "Fail", "Hello", "Log", "Message", "ProtocolError", "Resume",
+    "Welcome", "decode", "encode", "state_digest",
 ]

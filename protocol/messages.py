@@ -175,8 +175,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Beat, Extend, Ckpt, Done, Fail, Log, Welcome, Ack, Cmd)
 }
 
-WorkerMessage = Union[Hello, Beat, Extend, Ckpt, Done, Fail, Log]
-SupervisorMessage = Union[Welcome, Ack, Cmd]
+WorkerMessage = Hello | Beat | Extend | Ckpt | Done | Fail | Log
+SupervisorMessage = Welcome | Ack | Cmd
 
 
 # Encoding ------------------------------------------------------------------------------

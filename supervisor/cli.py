@@ -152,7 +152,8 @@ def _detach(args: argparse.Namespace, run: RunDir) -> int:
             print(f"nkat-supervise: the detached supervisor exited with {child.returncode}; "
                   f"see {run.log_dir}", file=sys.stderr)
             return child.returncode or 1
-        if run.holder_pid() == child.pid:
+        # Ready once it holds the lock and answers on its control socket.
+        if run.holder_pid() == child.pid and (run.sock_dir / "control").exists():
             print(run.run_id)
             return 0
         time.sleep(0.05)

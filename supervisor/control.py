@@ -24,7 +24,7 @@ class ControlUnavailable(RuntimeError):
 
 def request(endpoint: str, op: str, timeout: float = 2.0, **args: Any) -> dict[str, Any]:
     """Send one request and wait for its reply; ControlUnavailable if nobody answers."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+
 from nkat.supervisor.config import Config
 from nkat.supervisor.gpu import GpuSensor, GpuUnavailable, NvmlSensor, ProfileError, ScriptedSensor
 from nkat.supervisor.gpu.sensor import Reading

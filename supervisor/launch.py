@@ -193,6 +193,9 @@ def _say_outcome(say: Any, run: RunDir, sup: Supervisor, code: int) -> None:
         say(f"run {run.run_id} stopped at checkpoint {sup.durable_ckpt_seq}; "
             "`nkat-supervise start` resumes it")
     else:
-        say(f"run {run.run_id} {sup.outcome}; the run is resumable: see "
-            f"`nkat-supervise logs {run.run_id}` and start it again once fixed")
+        # Said even with --quiet: the operator must learn why the run ended.
+        why = f": {sup.outcome_reason}" if sup.outcome_reason else ""
+        print(f"nkat-supervise: run {run.run_id} {sup.outcome}{why}\n  The run is resumable: "
+              f"see `nkat-supervise logs {run.run_id}` and start it again once fixed.",
+              file=sys.stderr)
 

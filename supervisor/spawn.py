@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from typing import IO
 
 import psutil
 
@@ -43,32 +44,28 @@ class WorkerProcess:
         self.pgid = self.pid  # start_new_session makes the worker its group's leader
         self.returncode: int | None = None
         self._partial: dict[int, bytes] = {}
-        for stream in (self.proc.stdout, self.proc.stderr):
+        self._streams: dict[int, tuple[str, IO[bytes]]] = {}
+        for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             assert stream is not None
             os.set_blocking(stream.fileno(), False)
+            self._streams[stream.fileno()] = (name, stream)
 
     @property
     def output_fds(self) -> dict[int, str]:
         """Pipe fds still open, with the stream name each carries."""
-        fds = {}
-        if self.proc.stdout and not self.proc.stdout.closed:
-            fds[self.proc.stdout.fileno()] = "stdout"
-        if self.proc.stderr and not self.proc.stderr.closed:
-            fds[self.proc.stderr.fileno()] = "stderr"
-        return fds
+        return {fd: name for fd, (name, _) in self._streams.items()}
 
     def read_lines(self, fd: int) -> list[str]:
         """Whole lines available on ``fd``; a closed pipe flushes its last partial line."""
-        stream = self.proc.stdout if self.proc.stdout and fd == self.proc.stdout.fileno() \
-            else self.proc.stderr
-        assert stream is not None
+        if fd not in self._streams:
+            return []
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
             return []
         buf = self._partial.get(fd, b"") + chunk
         if not chunk:  # EOF
-            stream.close()
+            self._streams.pop(fd)[1].close()
             self._partial.pop(fd, None)
             return [buf.decode("utf-8", "replace")] if buf else []
         *lines, rest = buf.split(b"\n")
@@ -122,6 +119,6 @@ class WorkerProcess:
         return f"exit code {code}"
 
     def close(self) -> None:
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream and not stream.closed:
-                stream.close()
+        for _, stream in self._streams.values():
+            stream.close()
+        self._streams.clear()

@@ -23,13 +23,14 @@ from typing import Any
 
 import psutil
 import zmq
+
 from nkat.protocol import messages as m
 from nkat.protocol.wal import RecordType, Wal, WalError
 from nkat.supervisor import control
 from nkat.supervisor.config import Config
 from nkat.supervisor.health import GpuHealth
 from nkat.supervisor.kill_sequence import Action, KillReason, KillSequence, KillSettings
-from nkat.supervisor.lifecycle import WorkerState, check_transition
+from nkat.supervisor.lifecycle import WorkerState, can_transition, check_transition
 from nkat.supervisor.restart_policy import Decision, ExitInfo, RestartPolicy, RestartSettings
 from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.spawn import WorkerProcess
@@ -64,6 +65,7 @@ class Supervisor:
         self.restarts = 0
         self.exit_code: int | None = None
         self.outcome: str | None = None
+        self.outcome_reason: str | None = None  # why it gave up, for the operator
         self.kill: KillSequence | None = None
         self.kill_reason: KillReason | None = None  # why the supervisor ended the worker
         self.pending_resume_at: float | None = None
@@ -141,7 +143,7 @@ class Supervisor:
             os.umask(old_umask)
 
     def _install_signals(self) -> dict[int, Any]:
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             previous[sig] = signal.signal(sig, lambda s, _f: self.signals.append(s))
         return previous
@@ -254,6 +256,10 @@ class Supervisor:
         self._send(m.Welcome(epoch=worker.epoch, run_id=self.run_dir.run_id,
                              spec=self.run_dir.info.spec, settings=settings, resume=resume))
         self.resumed_from = latest.ckpt_seq if latest else 0
+        if self.health is not None and self.health.ladder.duty < 1.0:
+            # The GPU was already hot: the new worker starts at the ladder's duty.
+            self._send(m.Cmd(epoch=worker.epoch, op="throttle",
+                             args={"duty": self.health.ladder.duty}))
         self._set_state(WorkerState.RUNNING)
         self.watchdog.on_message(now)
         self.log.info("worker.welcomed", epoch=worker.epoch, backend=msg.backend,
@@ -274,22 +280,28 @@ class Supervisor:
                                     "units_total": msg.units_total}).encode(), zmq.NOBLOCK)
 
     def _on_ckpt(self, msg: m.Ckpt, now: float) -> None:
+        if self.kill_reason in (KillReason.GPU_RESET, KillReason.XID_RESTART):
+            # After an Xid the device memory behind this state is suspect: never resume it.
+            self.log.warning("checkpoint.refused", epoch=msg.epoch, ckpt_seq=msg.ckpt_seq,
+                             reason=self.kill_reason.value)
+            return
         if msg.ckpt_seq <= self.durable_ckpt_seq:
             self._send(m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))  # a resend: ack again
             return
-        if self.config["checkpoint_verification"] and m.state_digest(msg.state) != msg.digest:
+        if m.state_digest(msg.state) != msg.digest:
             self._protocol_error(f"checkpoint {msg.ckpt_seq} digest mismatch", b"")
             return
         started = time.perf_counter()
+        t_wall = time.time()
         payload = {"ckpt_seq": msg.ckpt_seq, "epoch": msg.epoch, "units_done": msg.units_done,
-                   "digest": msg.digest, "t_wall": time.time()}
+                   "digest": msg.digest, "t_wall": t_wall}
         if not self._durable(self.wal.append_checkpoint, payload, msg.state):
             return
         latency = time.perf_counter() - started
         self.ckpt_latency.append(latency)
         self.durable_ckpt_seq = msg.ckpt_seq
         self.durable_units = msg.units_done
-        self.last_ckpt_wall = payload["t_wall"]
+        self.last_ckpt_wall = t_wall
         self.policy.on_durable_checkpoint(msg.ckpt_seq)
         self._send(m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))
         self.log.info("checkpoint.durable", epoch=msg.epoch, ckpt_seq=msg.ckpt_seq,
@@ -428,9 +440,11 @@ class Supervisor:
         verdict = self.watchdog.check(now)
         if verdict is None:
             return
-        self.log.error(f"watchdog.{verdict.kind}", epoch=self.epoch,
-                       deadline_s=round(verdict.deadline, 3),
-                       overdue_s=round(verdict.overdue_by, 3), last_beats=list(self.last_beats))
+        budget = verdict.details.get("heartbeat_timeout") or verdict.details.get(
+            "stall_seconds") or verdict.details.get("startup_timeout")
+        self.log.error(f"watchdog.{verdict.kind}", epoch=self.epoch, deadline_s=budget,
+                       overdue_s=round(verdict.overdue_by, 3), details=verdict.details,
+                       last_beats=list(self.last_beats))
         self._begin_kill(now, verdict.kill_reason, detail=str(verdict.details))
 
     def _begin_kill(self, now: float, reason: KillReason, detail: str = "") -> None:
@@ -504,10 +518,11 @@ class Supervisor:
             return
         if self.kill is not None:
             self._advance_kill(now)  # lets the sequence see the worker gone
-        for fd in list(worker.output_fds):
+        for fd, stream in list(worker.output_fds.items()):
             for line in worker.read_lines(fd):
-                self.log.info("worker.output", epoch=worker.epoch, line=line)
+                self.log.info(f"worker.{stream}", epoch=worker.epoch, line=line)
         worker.close()
+        assert worker.returncode is not None
         info = ExitInfo(returncode=worker.returncode, killed_for=self.kill_reason,
                         fatal=bool(self.last_fail and self.last_fail.fatal),
                         fail_kind=self.last_fail.kind if self.last_fail else None,
@@ -530,12 +545,7 @@ class Supervisor:
         elif self.stop_requested:
             self._record_stop(self.stop_requested)
         elif action == "give_up":
-            self._durable(self.wal.append, RecordType.EVENT, {
-                "kind": "gave_up", "reason": decision.reason, "t_wall": time.time()})
-            self.log.error("run.gave_up", reason=decision.reason, ckpt_seq=self.durable_ckpt_seq,
-                           advice="fix the cause, then run start again to resume")
-            self._set_state(WorkerState.GAVE_UP)
-            self._finish("gave_up", EXIT_GAVE_UP)
+            self._give_up(decision.reason)
         elif action == "wait_cooldown":
             self._set_state(WorkerState.COOLING)
             self.log.warning("thermal.cooling", epoch=self.epoch)
@@ -551,6 +561,16 @@ class Supervisor:
             self.log.warning("worker.restart_scheduled", reason=decision.reason,
                              delay_s=round(decision.delay, 3),
                              exit_class=decision.exit_class.value)
+
+    def _give_up(self, reason: str) -> None:
+        self._durable(self.wal.append, RecordType.EVENT, {
+            "kind": "gave_up", "reason": reason, "t_wall": time.time()})
+        self.log.error("run.gave_up", reason=reason, ckpt_seq=self.durable_ckpt_seq,
+                       advice="fix the cause, then run start again to resume")
+        self.outcome_reason = reason
+        if can_transition(self.state, WorkerState.GAVE_UP):
+            self._set_state(WorkerState.GAVE_UP)
+        self._finish("gave_up", EXIT_GAVE_UP)
 
     def _shutdown_worker_now(self) -> None:
         """On the way out, never leave a worker behind."""
@@ -588,8 +608,7 @@ class Supervisor:
             if self.worker is not None:
                 self._begin_kill(now, _KILL_REASON[kind], detail=action.reason)
             elif kind == "gpu_reset":
-                self.log.error("run.gave_up", reason=action.reason)
-                self._finish("gave_up", EXIT_GAVE_UP)
+                self._give_up(action.reason)
             elif kind in ("thermal_stop", "thermal_kill") and self.state is WorkerState.BACKOFF:
                 self.pending_resume_at = None
                 self._set_state(WorkerState.COOLING)

@@ -7,10 +7,10 @@ import time
 
 import pynvml as real
 import pytest
+
 from nkat.supervisor.gpu import xid_events
 from nkat.supervisor.gpu.nvml import NvmlSensor
 from nkat.supervisor.gpu.sensor import FIELDS, GpuUnavailable, XidEvent
-
 from tests.fake_pynvml import GIB, MIB, FakeGpu, FakePynvml
 
 

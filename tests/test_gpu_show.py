@@ -7,8 +7,8 @@ import json
 
 import pynvml as real
 import pytest
-from nkat.supervisor.gpu.show import EXIT_BAD_PROFILE, EXIT_NO_GPU, EXIT_OK, gpu_command
 
+from nkat.supervisor.gpu.show import EXIT_BAD_PROFILE, EXIT_NO_GPU, EXIT_OK, gpu_command
 from tests.fake_pynvml import FakeGpu, FakePynvml
 
 READING_KEYS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from nkat.supervisor.kill_sequence import (
     Action,
     KillReason,

@@ -8,6 +8,7 @@ import signal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from nkat.protocol import exitcodes
 from nkat.supervisor.kill_sequence import KillReason
 from nkat.supervisor.lifecycle import WorkerState

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from nkat.supervisor.gpu.sensor import Thresholds
 from nkat.supervisor.thermal import (
     HW_POWER_BRAKE_SLOWDOWN,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from nkat.supervisor.xid import (
     XidAction,
     classify_event,

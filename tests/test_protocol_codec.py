@@ -83,7 +83,8 @@ def test_truncated_message_raises_protocol_error(msg, data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(msg=st.one_of(*STRATEGIES.values()), version=st.integers(min_value=-(2**63), max_value=2**64 - 1).filter(lambda v: v != 1))
+@given(msg=st.one_of(*STRATEGIES.values()),
+       version=st.integers(min_value=-(2**63), max_value=2**64 - 1).filter(lambda v: v != 1))
 def test_other_version_is_refused(msg, version):
     body = msgpack.unpackb(m.encode(msg), raw=False)
     body["v"] = version

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from nkat.protocol.wal import RealIO, RecordingIO, RecordType, Wal, WalError, verify
+from nkat.protocol.wal import (
+    RealIO,
+    RecordingIO,
+    RecordType,
+    Wal,
+    WalCorrupted,
+    WalError,
+    verify,
+)
 from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
 from nkat.protocol.wal.format import HEADER_SIZE, SegmentHeader
 from nkat.protocol.wal.reader import FrameReader
+from nkat.protocol.wal.readonly import read_records
 
 RT = RecordType
 
@@ -182,3 +191,20 @@ def test_on_a_real_file_system(tmp_path: Path) -> None:
         assert [c.ckpt_seq for c in wal.checkpoints()] == [2, 3, 4]
     report = verify(wal_dir, blob_dir)
     assert report.ok and report.records > 0
+
+
+def test_read_records_reads_without_repairing() -> None:
+    io = RecordingIO()
+    with Wal.open(WAL_DIR, BLOB_DIR, run=RUN, io=io, segment_size=1024) as wal:
+        seqs = [wal.append(RecordType.EVENT, event(i, 100)) for i in range(12)]
+    segment = sorted(segments(io))[-1]
+    data = io.read_file(WAL_DIR / segment)
+    torn = RecordingIO(io.image().replace(WAL_DIR / segment,
+                                          data[:len(data.rstrip(b"\0")) - 5]))
+    got = [r.seq for r in read_records(WAL_DIR, io=torn)]
+    assert got == list(range(1, seqs[-1])) and torn.ops == []
+    damaged = bytearray(data)
+    damaged[HEADER_SIZE + 30] ^= 1
+    with pytest.raises(WalCorrupted):
+        list(read_records(WAL_DIR, io=RecordingIO(io.image().replace(WAL_DIR / segment,
+                                                                     bytes(damaged)))))

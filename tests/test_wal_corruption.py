@@ -186,7 +186,7 @@ def test_verify_reports_segments_records_checkpoints_and_changes_nothing() -> No
     assert [s.sealed for s in report.segments] == [True] * (len(SEGMENTS) - 1) + [False]
     assert report.segments[0].first_seq == 1
     assert all(a.last_seq + 1 == b.first_seq  # type: ignore[operator]
-               for a, b in zip(report.segments, report.segments[1:]))
+               for a, b in zip(report.segments, report.segments[1:], strict=False))
     assert report.records == report.segments[-1].last_seq
     assert [c.ckpt_seq for c in report.checkpoints] == sorted(CKPTS)
     assert [c.seq for c in report.checkpoints] == [CKPTS[k] for k in sorted(CKPTS)]

@@ -11,6 +11,7 @@ import pytest
 from nkat.protocol.wal import RecordingIO
 from nkat.protocol.wal.crashcheck import run_campaign, run_workload
 
+
 def test_every_crash_state_recovers(crash_states: int | None) -> None:
     if crash_states is None:  # every state of the default campaign, about 2500
         result = run_campaign(None, seed=0)

@@ -26,7 +26,8 @@ def payload(i: int) -> dict[str, object]:
 
 
 def build(kept: int) -> tuple[Image, int, int]:
-    """A log of ``kept`` records and LAST, whose frame spans sectors; returns the image and that frame's start and end (after padding)."""
+    """A log of ``kept`` records and LAST, whose frame spans sectors; returns the image
+    and that frame's start and end (after padding)."""
     io = RecordingIO()
     with Wal.open(WAL_DIR, BLOB_DIR, run=RUN, io=io, segment_size=SIZE) as wal:
         for i in range(kept - 1):

@@ -1,10 +1,10 @@
 """WAL figures for ``python tools/bench.py wal``: append cost against a raw fdatasync loop,
 recovery time of a full 64 MiB segment, and the crash campaign's count.
 
-Runs in a fresh directory under the system temporary directory (a real disk here; a
-tmpfs would make fdatasync free and the ratio meaningless, so its file system is
-printed too). Rates are medians over alternating rounds, so drift in a shared
-machine's load hits both sides alike.
+Runs in a fresh directory under the system temporary directory, whose file system is
+printed too: on a tmpfs fdatasync is free and the ratio means nothing. The two sides
+run in alternating rounds and the ratio is the median of the rounds' ratios, so drift
+in a shared machine's load hits both sides alike.
 """
 
 from __future__ import annotations
@@ -25,18 +25,20 @@ SEGMENT_BYTES = 64 << 20
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    rounds, per_round = (3, 150) if args.quick else (7, 600)
+    rounds, per_round = (5, 100) if args.quick else (15, 250)
     with tempfile.TemporaryDirectory(prefix="nkat-bench-wal-") as tmp:
         base = Path(tmp)
-        wal_rate, raw_rate = _append_rates(base, rounds, per_round)
+        ratio, wal_rate, raw_rate, new_segment = _append_rates(base, rounds, per_round)
         cold, warm, records = _recover_times(base / "recover")
     start = time.perf_counter()
-    campaign = run_campaign(500 if args.quick else None, seed=0)
+    campaign = (run_campaign(500, seed=0) if args.quick
+                else run_campaign(None, seed=0, workloads=8, second_lives=16))
     return {
-        "wal_append_vs_raw_fsync": round(wal_rate / raw_rate, 3),
+        "wal_append_vs_raw_fsync": round(ratio, 3),
         "wal_append_per_s": round(wal_rate, 1),
         "wal_raw_fdatasync_per_s": round(raw_rate, 1),
         "wal_record_bytes": RECORD_BYTES,
+        "wal_new_segment_s": round(new_segment, 4),
         "wal_bench_fs": _fs_type(tempfile.gettempdir()),
         "wal_recover_s_64mib": round(cold, 4),
         "wal_recover_s_64mib_warm": round(warm, 4),
@@ -59,29 +61,49 @@ def _pad_for_frame(size: int) -> int:
     return pad
 
 
-def _append_rates(base: Path, rounds: int, per_round: int) -> tuple[float, float]:
+def _append_rates(base: Path, rounds: int, per_round: int) -> tuple[float, float, float,
+                                                                     float]:
     """Records per second, one at a time, each durable before the next: through the
-    Wal, and as raw write + fdatasync of the same bytes to a file in the same place."""
+    Wal, and as raw write + fdatasync of the same bytes to a file in the same place.
+    Rounds alternate which side goes first; the ratio is the median of the rounds'
+    ratios. Also the seconds a new log's open takes, most of it preparing a segment:
+    the pause one append in every segment's worth pays."""
     record = _event(_pad_for_frame(RECORD_BYTES))
     raw = os.urandom(RECORD_BYTES)
+    start = time.perf_counter()
     wal = Wal.open(base / "wal", base / "blobs", run=RUN, segment_size=SEGMENT_BYTES)
+    new_segment = time.perf_counter() - start
     fd = os.open(base / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    wal_rates, raw_rates = [], []
+
+    def raw_round() -> float:
+        start = time.perf_counter()
+        for _ in range(per_round):
+            os.write(fd, raw)
+            os.fdatasync(fd)
+        return per_round / (time.perf_counter() - start)
+
+    def wal_round() -> float:
+        start = time.perf_counter()
+        for _ in range(per_round):
+            wal.append(RecordType.EVENT, record)
+        return per_round / (time.perf_counter() - start)
+
+    wal_rates, raw_rates, ratios = [], [], []
     try:
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(per_round):
-                os.write(fd, raw)
-                os.fdatasync(fd)
-            raw_rates.append(per_round / (time.perf_counter() - start))
-            start = time.perf_counter()
-            for _ in range(per_round):
-                wal.append(RecordType.EVENT, record)
-            wal_rates.append(per_round / (time.perf_counter() - start))
+        raw_round(), wal_round()  # warm up both
+        for i in range(rounds):
+            if i % 2:
+                w, r = wal_round(), raw_round()
+            else:
+                r, w = raw_round(), wal_round()
+            wal_rates.append(w)
+            raw_rates.append(r)
+            ratios.append(w / r)
     finally:
         os.close(fd)
         wal.close()
-    return statistics.median(wal_rates), statistics.median(raw_rates)
+    return (statistics.median(ratios), statistics.median(wal_rates),
+            statistics.median(raw_rates), new_segment)
 
 
 class _NoSyncIO(RealIO):

@@ -18,7 +18,8 @@ WalCorrupted at open unless ``salvage=True``. All file operations go through a F
 (``RealIO``, or ``RecordingIO`` to record them and rebuild crash states in tests).
 
 Modules: format (byte layout, docs/wal.md), reader, writer, recovery, blobs,
-checkpoints, wal, verify, fileio, recording, crashcheck (the crash campaign).
+checkpoints, wal, verify, readonly (records without opening for writing), errors,
+fileio, recording, crashcheck (the crash campaign).
 """
 
 from .checkpoints import Checkpoint, CheckpointInfo

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..messages import state_digest
 from .blobs import read_blob
 from .checkpoints import CheckpointEntry, parse_entry
+from .errors import WalCorrupted
 from .fileio import FileIO
 from .format import (
     ALIGN,
@@ -52,7 +53,6 @@ class SegmentScan:
     number: int
     path: Path
     salt: int
-    prev_tail: int
     end: int  # just past the last good frame: where the next frame goes
     first_seq: int | None = None
     last_seq: int | None = None
@@ -79,7 +79,6 @@ class LogScan:
     run: dict[str, Any] | None  # the newest run record's payload
     checkpoints: list[CheckpointEntry]
     stop: Stop | None = None
-    unread: list[Path] = field(default_factory=list)  # segments after a corrupt stop
 
     def path_of(self, segment: int) -> Path:
         return next(s.path for s in self.segments if s.number == segment)
@@ -167,9 +166,9 @@ def content_end(buf: bytes, start: int) -> int:
 
 
 def scan_log(io: FileIO, wal_dir: Path, *, decode_all: bool = False) -> LogScan:
-    """Read every segment and check it. Sealed segments must verify to the last byte;
-    the newest may end in a torn tail. ``decode_all`` also decodes payloads that
-    recovery does not need (verify asks for it)."""
+    """Read every segment and check it. Sealed segments must verify completely (every
+    frame, and zeros after the seal); the newest may end in a torn tail. ``decode_all``
+    also decodes payloads that recovery does not need (verify asks for it)."""
     scan = LogScan([], 0, None, [])
     listed = list_segments(io, wal_dir)
     prev: SegmentScan | None = None
@@ -178,9 +177,7 @@ def scan_log(io: FileIO, wal_dir: Path, *, decode_all: bool = False) -> LogScan:
         stop = _scan_segment(scan, io.read_file(path), number, path, prev, last, decode_all)
         if stop is not None:
             scan.stop = stop
-            if not stop.torn:
-                scan.unread = [p for _, p in listed[i + 1:]]
-                break
+            break
         prev = scan.segments[-1]
     return scan
 
@@ -201,7 +198,7 @@ def _scan_segment(scan: LogScan, buf: bytes, number: int, path: Path,
             return corrupt(0, f"segment {prev.number + 1:016x} is missing")
         if header.prev_tail != prev.seal_crc:
             return corrupt(0, f"does not follow segment {prev.number:016x}")
-    seg = SegmentScan(number, path, header.salt, header.prev_tail, HEADER_SIZE)
+    seg = SegmentScan(number, path, header.salt, HEADER_SIZE)
     scan.segments.append(seg)
     next_seq = prev.last_seq + 1 if prev is not None and prev.last_seq is not None else None
     reader = FrameReader(buf, header.salt, HEADER_SIZE, next_seq)
@@ -245,6 +242,20 @@ def _scan_segment(scan: LogScan, buf: bytes, number: int, path: Path,
     if follows is not None:
         return corrupt(seg.end, f"{reason}, and a valid frame follows at {follows}")
     return Stop(number, path, seg.end, reason, torn=True)
+
+
+def segment_records(io: FileIO, seg: SegmentScan) -> Iterator[tuple[Frame, dict[str, Any]]]:
+    """The frames of a scanned segment with their payloads, read and checked again;
+    WalCorrupted if they no longer reach as far as the scan found."""
+    reader = FrameReader(io.read_file(seg.path), seg.salt, HEADER_SIZE, seg.first_seq)
+    for frame in reader:
+        try:
+            payload = unpack_payload(frame.payload)
+        except ValueError as exc:
+            raise WalCorrupted(seg.path, frame.offset, str(exc)) from None
+        yield frame, payload
+    if reader.end < seg.end:
+        raise WalCorrupted(seg.path, reader.end, reader.reason or "records vanished")
 
 
 def read_frame(io: FileIO, path: Path, offset: int) -> Frame:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .errors import WalCorrupted
 from .fileio import FileIO, RealIO
-from .format import HEADER_SIZE, RecordType, unpack_payload
-from .reader import FrameReader, scan_log
+from .format import RecordType
+from .reader import scan_log, segment_records
 from .wal import Record
 
 
@@ -25,12 +25,7 @@ def read_records(wal_dir: Path, io: FileIO | None = None) -> Iterator[Record]:
     io = io if io is not None else RealIO()
     scan = scan_log(io, Path(wal_dir))
     for seg in scan.segments:
-        buf = io.read_file(seg.path)
-        for frame in FrameReader(buf[:seg.end], seg.salt, HEADER_SIZE, seg.first_seq):
-            try:
-                payload = unpack_payload(frame.payload)
-            except ValueError as exc:
-                raise WalCorrupted(seg.path, frame.offset, str(exc)) from None
+        for frame, payload in segment_records(io, seg):
             yield Record(frame.seq, RecordType(frame.rtype), payload)
     if scan.stop is not None and not scan.stop.torn:
         raise WalCorrupted(scan.stop.path, scan.stop.offset, scan.stop.reason)

@@ -92,7 +92,8 @@ def check_blobs(io: FileIO, scan: LogScan, blob_dir: Path) -> Stop | None:
         elif (size := io.size(blob_dir / entry.blob)) != entry.size:
             reason = f"blob {entry.blob} has {size} bytes, expected {entry.size}"
         if reason is not None:
-            return Stop(entry.segment, scan.path_of(entry.segment), entry.offset, reason, False)
+            return Stop(entry.segment, scan.path_of(entry.segment), entry.offset, reason,
+                        torn=False)
         seen_present = True
     return None
 

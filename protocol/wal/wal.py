@@ -26,14 +26,13 @@ from .errors import WalCorrupted, WalError, WalIOError
 from .fileio import FileIO, RealIO
 from .format import (
     BLOB_SUFFIX,
-    HEADER_SIZE,
     MAX_PAYLOAD,
     TMP_SUFFIX,
     RecordType,
     pack_payload,
     unpack_payload,
 )
-from .reader import FrameReader, load_state
+from .reader import load_state, segment_records
 from .recovery import Recovery, recover
 from .writer import SegmentWriter
 
@@ -140,17 +139,12 @@ class Wal:
 
     def records(self) -> Iterator[Record]:
         """Every retained record in seq order, read back from disk and checked again."""
-        for seg in list(self._writer.segments):
-            buf = self._read(seg.path)
-            reader = FrameReader(buf, seg.salt, HEADER_SIZE, seg.first_seq)
-            for frame in reader:
-                try:
-                    payload = unpack_payload(frame.payload)
-                except ValueError as exc:
-                    raise WalCorrupted(seg.path, frame.offset, str(exc)) from None
-                yield Record(frame.seq, RecordType(frame.rtype), payload)
-            if reader.end < seg.end:
-                raise WalCorrupted(seg.path, reader.end, reader.reason or "record vanished")
+        try:
+            for seg in list(self._writer.segments):
+                for frame, payload in segment_records(self._io, seg):
+                    yield Record(frame.seq, RecordType(frame.rtype), payload)
+        except OSError as exc:
+            raise WalIOError(f"reading the WAL failed: {exc}", exc.errno) from exc
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """The retained checkpoints (the newest ``backup_checkpoints`` that still have
@@ -182,7 +176,9 @@ class Wal:
 
     def append(self, rtype: RecordType, payload: dict[str, Any]) -> int:
         """Append a record; return its seq once it is durable (written and fdatasynced).
-        WalIOError (and no more appends) if the file system fails."""
+
+        WalIOError if the file system fails: the record is not acknowledged (it may or
+        may not be on disk) and the log takes no more appends until reopened."""
         if rtype not in APPENDABLE:
             raise ValueError(f"cannot append a {RecordType(rtype).name} record directly")
         data = pack_payload(payload)
@@ -199,6 +195,8 @@ class Wal:
         checked here) and t_wall. A state up to ``inline_limit`` bytes goes into a ckpt
         record; a larger one into a blob file, made durable before the ckpt_ref record
         that commits it. Older checkpoints beyond ``backup_checkpoints`` are then removed.
+        Errors as for append; a WalIOError from the removal comes after the checkpoint
+        is durable, so a checkpoint resent after reopening may already be in the log.
         """
         check_meta(payload)
         if any(k in payload for k in STATE_FIELDS):
@@ -271,12 +269,6 @@ class Wal:
 
     def _segment_path(self, number: int) -> Path:
         return next(s.path for s in self._writer.segments if s.number == number)
-
-    def _read(self, path: Path) -> bytes:
-        try:
-            return self._io.read_file(path)
-        except OSError as exc:
-            raise WalIOError(f"reading {path} failed: {exc}", exc.errno) from exc
 
     def _retain(self, *, orphans: bool) -> None:
         """Remove blobs and sealed segments that only older checkpoints need.

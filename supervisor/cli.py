@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "show a run's status (live, or from disk when it is down)")
     p.add_argument("run", nargs="?")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--watch", action="store_true",
+                   help="refresh every --interval seconds until interrupted")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
 
     p = add("runs", cmd_runs, "list runs")
     p.add_argument("--json", action="store_true", help="print a JSON array")
@@ -199,17 +202,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     state = state_dir(args.state_dir)
     run = _resolve_run(state, args.run)
-    status = run_status(run)
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-    else:
-        for key in ("run_id", "state", "source", "epoch", "restarts", "progress", "units_done",
-                    "units_total", "dims_per_s", "durable_ckpt_seq", "worker_pid"):
-            value = status.get(key)
-            if key == "progress" and isinstance(value, float):
-                value = f"{value:.1%}"
-            print(f"{key:>18}: {'-' if value is None else value}")
-    return 0
+    while True:
+        status = run_status(run)
+        if args.json:
+            print(json.dumps(status, indent=None if args.watch else 2, sort_keys=True),
+                  flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")
+            for key in STATUS_FIELDS:
+                value = status.get(key)
+                if key == "progress" and isinstance(value, float):
+                    value = f"{value:.1%}"
+                print(f"{key:>18}: {'-' if value is None else value}", flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(max(0.1, args.interval))
+
+
+STATUS_FIELDS = ("run_id", "state", "source", "epoch", "restarts", "progress", "units_done",
+                 "units_total", "units_per_s", "dims_per_s", "durable_ckpt_seq", "worker_pid")
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

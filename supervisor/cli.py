@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nkat.supervisor import control
+from nkat.supervisor import control, logview, report, service
 from nkat.supervisor.config import KEYS, ConfigError, load_config
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
 
@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, metavar="FILE")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
+
+    for name, module, help in (
+            ("logs", logview, "show a run's JSON log; -f follows it across rotations"),
+            ("report", report, "write PNG plots and a summary of a run"),
+            ("install-service", service,
+             "install a systemd unit that resumes interrupted runs at boot")):
+        p = add(name, module.run, help)
+        module.add_arguments(p)
 
     p = add("gpu", cmd_gpu, "show GPUs, their thresholds and one reading")
     p.add_argument("--json", action="store_true")

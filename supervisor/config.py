@@ -154,6 +154,8 @@ KEYS: tuple[Key, ...] = (
     _k("gpu_index", 0, int, "supervisor", "which GPU (NVML index) the worker uses", low=0, high=63),
     _k("gpu_poll_interval", 1.0, float, "supervisor", "seconds between GPU readings",
        low=0.05, high=60),
+    _k("gpu_log_interval", 10.0, float, "supervisor",
+       "seconds between gpu.reading log events (what report plots)", low=0.1, high=86400),
     # Operator -------------------------------------------------------------------------
     _k("log_max_bytes", 16 * 1024 * 1024, int, "supervisor", "rotate the JSON log at this size",
        low=4096, high=2**40),

@@ -43,6 +43,8 @@ class GpuHealth:
         self.index = config["gpu_index"]
         self.log = log
         self.interval = config["gpu_poll_interval"]
+        self.log_interval = config["gpu_log_interval"]
+        self._next_log = clock()
         self.ladder = ThermalLadder(ThermalSettings.from_config(config),
                                     sensor.thresholds(self.index))
         self.resource_settings = ResourceSettings.from_config(config)
@@ -81,6 +83,10 @@ class GpuHealth:
                 self.log.critical("gpu.lost", message=message)
                 actions.append(HealthAction("gpu_reset", message))
             return actions
+        if now >= self._next_log:
+            self._next_log = now + self.log_interval
+            self.log.info("gpu.reading", **{k: v for k, v in self.snapshot().items()
+                                            if k not in ("source", "lost")})
         thermal = self.ladder.update(now, reading.temperature, margin=reading.thermal_margin,
                                      reasons=reading.clock_event_reasons)
         if thermal is not None:

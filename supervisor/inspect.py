@@ -81,6 +81,8 @@ def run_status(run: RunDir) -> dict[str, Any]:
         status["progress"] = latest["units_done"] / total
     if state == "completed":
         status["progress"] = 1.0
+        if isinstance(total, int):
+            status["units_done"] = total
     return status
 
 

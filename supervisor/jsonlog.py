@@ -34,6 +34,9 @@ class RotatingLineFile:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
+        if self._size and not _ends_with_newline(path):
+            # A crash tore the last line: end it, so the next line starts whole.
+            self._size += os.write(self._fd, b"\n")
 
     def write_line(self, line: str) -> None:
         data = (line.rstrip("\n") + "\n").encode("utf-8", "replace")
@@ -59,6 +62,12 @@ class RotatingLineFile:
     def close(self) -> None:
         with self._lock:
             os.close(self._fd)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
 
 
 class _LineLogger:

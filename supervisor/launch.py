@@ -17,6 +17,7 @@ from nkat.protocol.wal import RecordType, Wal, WalCorrupted, WalError
 from nkat.supervisor.config import KEY_BY_NAME, Config, ConfigError, coerce
 from nkat.supervisor.inspect import run_state_from_disk
 from nkat.supervisor.jsonlog import open_run_log
+from nkat.supervisor.metrics import RunMetrics
 from nkat.supervisor.progress import ProgressDisplay
 from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id, spec_hash
 from nkat.supervisor.supervise import EXIT_COMPLETED, EXIT_GAVE_UP, Supervisor
@@ -166,8 +167,9 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
         say(f"started run {run.run_id} (state in {run.path})")
         log.info("run.started", spec=run.info.spec)
     health = _make_health(config, sim_gpu, log, say)
+    metrics = _start_metrics(run, config, log, say)
     display = None if quiet else ProgressDisplay(sys.stdout)
-    sup = Supervisor(run, config, wal, log, health=health,
+    sup = Supervisor(run, config, wal, log, health=health, metrics=metrics,
                      on_status=display.update if display else None)
     try:
         code = sup.run()
@@ -176,8 +178,26 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
             display.close()
         if health:
             health.close()
+        if metrics:
+            metrics.close()
     _say_outcome(say, run, sup, code)
     return code
+
+
+def _start_metrics(run: RunDir, config: Config, log: Any, say: Any) -> RunMetrics | None:
+    addr = config["metrics_addr"]
+    if not addr:
+        return None
+    metrics = RunMetrics.for_run(run)
+    try:
+        metrics.serve(addr)
+    except OSError as exc:
+        log.warning("metrics.unavailable", addr=addr, error=str(exc))
+        say(f"metrics endpoint {addr} unavailable: {exc}; the run goes on without it")
+        return None
+    log.info("metrics.serving", addr=addr)
+    say(f"metrics on http://{addr}/metrics")
+    return metrics
 
 
 def _make_health(config: Config, sim_gpu: str | None, log: Any, say: Any) -> Any:

@@ -31,6 +31,7 @@ from nkat.supervisor.config import Config
 from nkat.supervisor.health import GpuHealth
 from nkat.supervisor.kill_sequence import Action, KillReason, KillSequence, KillSettings
 from nkat.supervisor.lifecycle import WorkerState, can_transition, check_transition
+from nkat.supervisor.metrics import RunMetrics
 from nkat.supervisor.restart_policy import Decision, ExitInfo, RestartPolicy, RestartSettings
 from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.spawn import WorkerProcess
@@ -50,7 +51,8 @@ class Supervisor:
     def __init__(self, run: RunDir, config: Config, wal: Wal, log: Any, *,
                  health: GpuHealth | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 on_status: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_status: Callable[[dict[str, Any]], None] | None = None,
+                 metrics: RunMetrics | None = None) -> None:
         self.run_dir = run
         self.config = config
         self.wal = wal
@@ -58,6 +60,7 @@ class Supervisor:
         self.clock = clock
         self.health = health
         self.on_status = on_status
+        self.metrics = metrics
         self.ctx = zmq.Context()
         self.state = WorkerState.IDLE
         self.worker: WorkerProcess | None = None
@@ -188,6 +191,8 @@ class Supervisor:
 
     def _protocol_error(self, why: str, ident: bytes) -> None:
         self.protocol_errors += 1
+        if self.metrics:
+            self.metrics.protocol_error()
         self.log.warning("protocol.error", reason=why, peer=ident.decode("latin-1")[:64],
                          count=self.protocol_errors)
 
@@ -270,6 +275,8 @@ class Supervisor:
         self.watchdog.on_beat(now, msg.progress_seq, msg.stage,
                               batch_seconds if isinstance(batch_seconds, (int, float)) else None)
         self.last_beat = msg
+        if self.metrics:
+            self.metrics.beat(now)
         self.last_beats.append({"seq": msg.seq, "progress_seq": msg.progress_seq,
                                 "units_done": msg.units_done, "stage": msg.stage})
         if self.state is WorkerState.RUNNING and msg.stage == "paused":
@@ -304,6 +311,8 @@ class Supervisor:
         self.last_ckpt_wall = t_wall
         self.policy.on_durable_checkpoint(msg.ckpt_seq)
         self._send(m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))
+        if self.metrics:
+            self.metrics.checkpoint_acked(latency)
         self.log.info("checkpoint.durable", epoch=msg.epoch, ckpt_seq=msg.ckpt_seq,
                       units_done=msg.units_done, bytes=len(msg.state),
                       ack_ms=round(latency * 1000, 3))
@@ -430,7 +439,9 @@ class Supervisor:
             self._start_worker("restart")
         elif self.state is WorkerState.COOLING and (self.health is None
                                                      or self.health.may_resume(now)):
-            self.log.info("thermal.resume", epoch=self.epoch)
+            self.log.info("worker.respawn_after_cooling", epoch=self.epoch)
+            if self.metrics:
+                self.metrics.restart("thermal")
             self._start_worker("thermal_resume")
 
     # Watchdog and kills --------------------------------------------------------------------
@@ -558,6 +569,8 @@ class Supervisor:
                 "t_wall": time.time()})
             self.pending_resume_at = now + decision.delay
             self._set_state(WorkerState.BACKOFF)
+            if self.metrics:
+                self.metrics.restart(decision.exit_class.value)
             self.log.warning("worker.restart_scheduled", reason=decision.reason,
                              delay_s=round(decision.delay, 3),
                              exit_class=decision.exit_class.value)
@@ -624,6 +637,8 @@ class Supervisor:
         done = beat.units_done if beat else self.durable_units
         metrics = beat.metrics if beat else {}
         lat = sorted(self.ckpt_latency)
+        if self.outcome == "completed" and total:
+            done = total  # the last beat predates the final units
         return {
             "run_id": self.run_dir.run_id,
             "state": self.state.value,
@@ -636,7 +651,7 @@ class Supervisor:
             "units_total": total,
             "progress": (done / total) if total else None,
             "units_per_s": metrics.get("units_per_s"),
-            "dims_per_s": metrics.get("dims_per_s"),
+            "dims_per_s": self._dims_per_s(metrics.get("units_per_s")),
             "duty": metrics.get("duty"),
             "durable_ckpt_seq": self.durable_ckpt_seq,
             "durable_units": self.durable_units,
@@ -648,6 +663,13 @@ class Supervisor:
             "supervisor_rss_bytes": psutil.Process().memory_info().rss,
             "updated_wall": time.time(),
         }
+
+    def _dims_per_s(self, units_per_s: Any) -> float | None:
+        """The NKAT job's units are blocks of ``unit_dims`` dimensions: show dims/s."""
+        unit_dims = self.run_dir.info.spec.get("params", {}).get("unit_dims")
+        if isinstance(units_per_s, (int, float)) and isinstance(unit_dims, int):
+            return float(units_per_s) * unit_dims
+        return None
 
     def _write_status(self) -> None:
         self._last_status = self.clock()
@@ -662,6 +684,8 @@ class Supervisor:
             pass
         if self.on_status:
             self.on_status(status)
+        if self.metrics:
+            self.metrics.update_from_status(status)
 
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}

@@ -252,7 +252,7 @@ class Channel:
             if msg.epoch != self._epoch:
                 # Fencing: a message for another incarnation never acts on this one.
                 self._log_here(sock, "channel.stale_message",
-                               {"type": msg.TYPE, "epoch": msg.epoch})
+                               {"type": msg.TYPE, "msg_epoch": msg.epoch})
             elif isinstance(msg, Ack):
                 if self._pending.pop(msg.ckpt_seq, None) is not None:
                     self.inbox.put(msg)

@@ -23,13 +23,17 @@ from nkat.protocol.messages import (
     ProtocolError,
     Resume,
     Welcome,
+    canonical_json,
     decode,
     encode,
+    result_digest,
+    spec_hash,
     state_digest,
 )
 
 __all__ = [
     "CMD_OPS", "DONE_ACK_SEQ", "MESSAGE_TYPES", "PROTOCOL_VERSION", "Ack", "Beat", "Ckpt",
     "Cmd", "Done", "Extend", "Fail", "Hello", "Log", "Message", "ProtocolError", "Resume",
-    "Welcome", "decode", "encode", "state_digest",
+    "Welcome", "canonical_json", "decode", "encode", "result_digest", "spec_hash",
+    "state_digest",
 ]

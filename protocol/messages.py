@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import types
 import typing
 from typing import Any, ClassVar, Union
@@ -45,6 +46,21 @@ class ProtocolError(ValueError):
 def state_digest(state: bytes) -> str:
     """The digest a checkpoint or result carries: SHA-256 of its bytes, hex."""
     return hashlib.sha256(state).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """The one spelling of a result (``done.digest`` is over it) or a spec."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def result_digest(result: Any) -> str:
+    """The digest ``done`` carries: SHA-256 of the result's canonical JSON."""
+    return state_digest(canonical_json(result).encode())
+
+
+def spec_hash(spec: Any) -> str:
+    """A run's identity: the first 16 hex digits of SHA-256 of its spec's canonical JSON."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)

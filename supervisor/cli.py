@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, RunDirError) as exc:
         print(f"nkat-supervise: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # an unusable --state-dir, a file we may not read ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"nkat-supervise: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 
@@ -124,11 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # start ------------------------------------------------------------------------------------
 def cmd_start(args: argparse.Namespace) -> int:
+    from nkat.supervisor.health import check_profile
     from nkat.supervisor.launch import launch_run, pick_run
 
     state = state_dir(args.state_dir)
     extra = {"backend": args.backend} if args.backend else None
     config = load_config(args.config, args.set, extra)
+    if args.sim_gpu:
+        check_profile(args.sim_gpu)  # before any run directory is made
     run, config, how = pick_run(state, config, run_id=args.run_id, fresh=args.fresh,
                                 boot=args.boot)
     if run is None:
@@ -160,15 +167,20 @@ def _detach(args: argparse.Namespace, run: RunDir) -> int:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            print(f"nkat-supervise: the detached supervisor exited with {child.returncode}; "
-                  f"see {run.log_dir}", file=sys.stderr)
-            return child.returncode or 1
+            if child.returncode == 0:  # it finished already (a short or completed run)
+                print(run.run_id)
+            else:
+                print(f"nkat-supervise: the detached supervisor exited with "
+                      f"{child.returncode}; see {run.log_dir}", file=sys.stderr)
+            return child.returncode
         # Ready once it holds the lock and answers on its control socket.
         if run.holder_pid() == child.pid and (run.sock_dir / "control").exists():
             print(run.run_id)
             return 0
         time.sleep(0.05)
     print(run.run_id)
+    print(f"nkat-supervise: the supervisor (pid {child.pid}) has not confirmed it is ready; "
+          f"check `nkat-supervise status {run.run_id}`", file=sys.stderr)
     return 0
 
 

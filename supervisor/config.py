@@ -83,7 +83,7 @@ KEYS: tuple[Key, ...] = (
     _k("backend", "auto", str, "worker", "array backend for the worker",
        choices=("auto", "numpy", "cupy")),
     _k("checkpoint_interval", 30.0, float, "worker", "seconds between checkpoints",
-       low=0.1, high=86400, seed="checkpoint_interval"),
+       low=0.01, high=86400, seed="checkpoint_interval"),
     _k("batch_size", 0, int, "worker", "units per batch to start with (0: the job's default)",
        low=0, high=2**31, seed="batch_size"),
     _k("batch_size_adaptive", True, bool, "worker", "grow/shrink batches by throughput and memory",
@@ -114,7 +114,7 @@ KEYS: tuple[Key, ...] = (
        low=0.1, high=3600),
     _k("term_grace", 5.0, float, "supervisor", "seconds between SIGTERM and SIGKILL",
        low=0.1, high=3600),
-    _k("restart_delay", 1.0, float, "supervisor", "first restart backoff (s)", low=0, high=3600),
+    _k("restart_delay", 0.25, float, "supervisor", "first restart backoff (s)", low=0, high=3600),
     _k("restart_delay_max", 60.0, float, "supervisor", "largest restart backoff (s)",
        low=0, high=86400),
     _k("max_restarts", 5, int, "supervisor", "restarts allowed in restart_window",
@@ -151,7 +151,9 @@ KEYS: tuple[Key, ...] = (
        low=1, high=2**31),
     _k("leak_window", 600.0, float, "supervisor", "window (s) for leak_rss_growth_mb",
        low=1, high=864000),
-    _k("gpu_index", 0, int, "supervisor", "which GPU (NVML index) the worker uses", low=0, high=63),
+    _k("gpu_index", 0, int, "supervisor",
+       "which GPU (NVML index): the sensor watches it, the worker computes on it",
+       low=0, high=63),
     _k("gpu_poll_interval", 1.0, float, "supervisor", "seconds between GPU readings",
        low=0.05, high=60),
     _k("gpu_log_interval", 10.0, float, "supervisor",
@@ -209,7 +211,7 @@ class Config(Mapping[str, Any]):
         for name, raw in overrides.items():
             values[name] = coerce(name, raw)
             sources[name] = source
-        _check_relations(values)
+        check_relations(values)
         return Config(values, sources)
 
 
@@ -271,7 +273,7 @@ def _parse_text(text: str) -> Any:
         return text
 
 
-def _check_relations(values: Mapping[str, Any]) -> None:
+def check_relations(values: Mapping[str, Any]) -> None:
     """Rules between keys, each named in the message."""
     if values["min_dimension"] > values["max_dimension"]:
         raise ConfigError("min_dimension must not exceed max_dimension "
@@ -287,6 +289,12 @@ def _check_relations(values: Mapping[str, Any]) -> None:
         raise ConfigError("stall_timeout_min must not exceed stall_timeout_max")
     if values["restart_delay"] > values["restart_delay_max"]:
         raise ConfigError("restart_delay must not exceed restart_delay_max")
+    if values["heartbeat_timeout"] < 2 * values["heartbeat_interval"]:
+        raise ConfigError(f"heartbeat_timeout ({values['heartbeat_timeout']}) must be at least "
+                          f"twice heartbeat_interval ({values['heartbeat_interval']}), or every "
+                          "worker would look unresponsive")
+    if values["ack_resend"] >= values["supervisor_timeout"]:
+        raise ConfigError("ack_resend must be shorter than supervisor_timeout")
     addr = values["metrics_addr"]
     if addr is not None:
         host, _, port = addr.rpartition(":")

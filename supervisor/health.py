@@ -4,7 +4,7 @@ thermal ladder, the memory/leak/power watches and the Xid rules, turned into act
     health = open_health(config, sim_gpu, log, say)   # None when no GPU can be read
     for action in health.poll(now, worker_pid):        # throttle, thermal_stop, ...
         ...
-    health.may_resume(now); health.pid_released(pid); health.snapshot()
+    health.may_resume(); health.pid_released(pid); health.snapshot()
 
 The policies stay pure; this module only reads the sensor and logs what it sees.
 """
@@ -18,8 +18,9 @@ from typing import Any
 
 import psutil
 
-from nkat.supervisor.config import Config
+from nkat.supervisor.config import Config, ConfigError
 from nkat.supervisor.gpu import GpuSensor, GpuUnavailable, NvmlSensor, ProfileError, ScriptedSensor
+from nkat.supervisor.gpu.scripted import load_profile
 from nkat.supervisor.gpu.sensor import Reading
 from nkat.supervisor.resources import LeakWatch, MemoryWatch, PowerWatch, ResourceSettings
 from nkat.supervisor.thermal import ThermalActionKind, ThermalLadder, ThermalSettings
@@ -45,12 +46,12 @@ class GpuHealth:
         self.interval = config["gpu_poll_interval"]
         self.log_interval = config["gpu_log_interval"]
         self._next_log = clock()
-        self.ladder = ThermalLadder(ThermalSettings.from_config(config),
-                                    sensor.thresholds(self.index))
+        thresholds = sensor.thresholds(self.index)
+        self.ladder = ThermalLadder(ThermalSettings.from_config(config), thresholds)
         self.resource_settings = ResourceSettings.from_config(config)
         self.memory = MemoryWatch(self.resource_settings)
         self.power = PowerWatch(self.resource_settings)
-        self.enforced_power = sensor.thresholds(self.index).enforced_power_limit_w
+        self.enforced_power = thresholds.enforced_power_limit_w
         self.leak: LeakWatch | None = None
         self.leak_pid: int | None = None
         self.last: Reading | None = None
@@ -128,7 +129,7 @@ class GpuHealth:
         self.log.warning("worker.leak_suspected", reason=action.reason, **action.fields)
         return HealthAction("leak", action.reason)
 
-    def may_resume(self, now: float) -> bool:
+    def may_resume(self) -> bool:
         return self.ladder.may_run
 
     def pid_released(self, pid: int) -> bool:
@@ -153,6 +154,14 @@ class GpuHealth:
         self.sensor.close()
 
 
+def check_profile(spec: str) -> None:
+    """Fail early, with a usage error, on a ``--sim-gpu`` profile that cannot be used."""
+    try:
+        load_profile(spec)
+    except ProfileError as exc:
+        raise GpuProfileError(f"--sim-gpu: {exc}") from None
+
+
 def open_health(config: Config, sim_gpu: str | None, log: Any,
                 say: Callable[[str], None]) -> GpuHealth | None:
     """The scripted sensor for ``--sim-gpu``, else NVML; None (said once) without a GPU."""
@@ -169,5 +178,5 @@ def open_health(config: Config, sim_gpu: str | None, log: Any,
     return GpuHealth(sensor, config, log)
 
 
-class GpuProfileError(ValueError):
-    """A ``--sim-gpu`` profile that cannot be used."""
+class GpuProfileError(ConfigError):
+    """A ``--sim-gpu`` profile that cannot be used (a usage error: exit 2)."""

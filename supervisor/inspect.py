@@ -1,55 +1,83 @@
 """Reading a run without supervising it: its state, status, checkpoints and WAL check.
 
 Used by ``status``, ``runs``, ``checkpoints``, ``verify`` and by ``start`` to decide what
-to resume. Nothing here writes: the WAL is only read (never repaired), so these commands
-are safe while a supervisor runs and after a power cut alike.
+to resume. The WAL is only read (never repaired), so these commands are safe while a
+supervisor runs and after a power cut alike.
 
 A run's state on disk: ``completed`` (a result or a ``done`` record), ``stopped`` (the last
-record is an operator ``stop``), ``gave_up``, ``interrupted`` (it was running when the
-machine went down or the supervisor was killed), ``new`` (never ran a worker), or
-``running`` (a supervisor holds its lock).
+record is a ``stop`` an operator asked for), ``gave_up``, ``interrupted`` (it was running
+when the machine went down, was stopped by SIGTERM as at a shutdown, or its supervisor
+was killed), ``new`` (never ran a worker), or ``running`` (a supervisor holds its lock).
+Reading takes no lock and repairs nothing; only ``RunDir.open`` may create missing
+subdirectories.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
-from nkat.protocol.wal import RecordType, WalError, verify
+from nkat.protocol.wal import Record, RecordType, WalError, verify
 from nkat.protocol.wal.readonly import read_records
 from nkat.supervisor import control
 from nkat.supervisor.rundir import RunDir
 
 
+@dataclasses.dataclass(frozen=True)
+class History:
+    """What a log says about its run, from one pass over its records."""
+
+    state: str  # new | interrupted | stopped | gave_up | completed
+    last: Record | None  # the last record that is not run or seal
+    done: Record | None  # the done record, wherever it stands
+    epoch: int  # the newest epoch any record names
+
+
+def summarize(records: Iterable[Record]) -> History:
+    """The run's state from its records. The epoch is taken from checkpoints and events
+    too, not only ``epoch`` records: retention may have removed the segment holding the
+    newest ``epoch`` record, and an epoch number must never be reused (fencing)."""
+    last = done = None
+    epoch = 0
+    for rec in records:
+        if rec.type in (RecordType.RUN, RecordType.SEAL):
+            continue
+        last = rec
+        if rec.type is RecordType.DONE:
+            done = rec
+        value = rec.payload.get("epoch")
+        if isinstance(value, int) and not isinstance(value, bool):
+            epoch = max(epoch, value)
+    if done is not None:
+        state = "completed"  # events may follow done (a lingering kill): still complete
+    elif last is None:
+        state = "new"
+    elif last.type is RecordType.STOP:
+        state = "stopped" if last.payload.get("desired") == "stopped" else "interrupted"
+    elif last.type is RecordType.EVENT and last.payload.get("kind") == "gave_up":
+        state = "gave_up"
+    else:
+        state = "interrupted"
+    return History(state, last, done, epoch)
+
+
 def run_state_from_disk(run: RunDir) -> str:
+    """The run's state; ``interrupted`` is what ``start --boot`` resumes."""
     if run.result_file.exists():
         return "completed"
     if run.holder_pid():
         return "running"
-    last = _last_record(run)
-    if last is None:
-        return "new"
-    rtype, payload = last
-    if rtype is RecordType.DONE:
-        return "completed"
-    if rtype is RecordType.STOP:
-        return "stopped"
-    if rtype is RecordType.EVENT and payload.get("kind") == "gave_up":
-        return "gave_up"
-    if rtype is RecordType.EPOCH or rtype is RecordType.CKPT or rtype is RecordType.CKPT_REF \
-            or rtype is RecordType.EVENT:
-        return "interrupted"
-    return "new"
+    return summarize(_readable_records(run)).state
 
 
-def _last_record(run: RunDir) -> tuple[RecordType, dict[str, Any]] | None:
-    last = None
+def _readable_records(run: RunDir) -> list[Record]:
+    records: list[Record] = []
     try:
-        for record in read_records(run.wal_dir):
-            if record.type not in (RecordType.RUN, RecordType.SEAL):
-                last = (record.type, record.payload)
+        records.extend(read_records(run.wal_dir))
     except (WalError, OSError):
-        pass  # a damaged tail: judge by what could be read
-    return last
+        pass  # damage: judge by what could be read (verify names the problem)
+    return records
 
 
 def run_status(run: RunDir) -> dict[str, Any]:

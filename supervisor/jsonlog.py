@@ -13,7 +13,9 @@ across files, and a reader following the log sees each line exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ class RotatingLineFile:
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()
+        self.dropped = 0
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
@@ -39,12 +42,21 @@ class RotatingLineFile:
             self._size += os.write(self._fd, b"\n")
 
     def write_line(self, line: str) -> None:
+        """Append one line. A failing disk loses log lines, never the run: the WAL, not
+        the log, is what must be durable, and it has its own fail-stop."""
         data = (line.rstrip("\n") + "\n").encode("utf-8", "replace")
         with self._lock:
-            if self._size and self._size + len(data) > self.max_bytes:
-                self._rotate()
-            os.write(self._fd, data)  # O_APPEND: one write per line keeps lines whole
-            self._size += len(data)
+            try:
+                if self._size and self._size + len(data) > self.max_bytes:
+                    self._rotate()
+                os.write(self._fd, data)  # O_APPEND: one write per line keeps lines whole
+                self._size += len(data)
+            except OSError as exc:
+                self.dropped += 1
+                if self.dropped == 1:
+                    with contextlib.suppress(OSError):
+                        sys.stderr.write(f"nkat-supervise: cannot write the log {self.path}: "
+                                         f"{exc.strerror}; lines are being dropped\n")
 
     def _rotate(self) -> None:
         os.close(self._fd)

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from nkat.protocol.wal import RecordType, Wal, WalCorrupted, WalError
-from nkat.supervisor.config import KEY_BY_NAME, Config, ConfigError, coerce
-from nkat.supervisor.inspect import run_state_from_disk
+from nkat.supervisor.config import (
+    KEY_BY_NAME,
+    PARAM_PREFIX,
+    Config,
+    ConfigError,
+    check_relations,
+    coerce,
+)
+from nkat.supervisor.inspect import run_state_from_disk, summarize
 from nkat.supervisor.jsonlog import open_run_log
 from nkat.supervisor.metrics import RunMetrics
 from nkat.supervisor.progress import ProgressDisplay
@@ -47,18 +54,24 @@ def pick_run(state: Path, config: Config, *, run_id: str | None, fresh: bool,
     if not fresh:
         wanted = spec_hash(spec)
         for run in reversed(list_runs(state)):
-            if run.info.spec_hash == wanted and run_state_from_disk(run) != "completed" \
-                    and not run.holder_pid():
-                return run, _resumed_config(run, config), "resume"
+            if run.info.spec_hash != wanted or run_state_from_disk(run) == "completed":
+                continue
+            holder = run.holder_pid()
+            if holder:
+                # Starting the same spec again is almost always a mistake: say so.
+                raise RunLocked(run.run_id, holder)
+            return run, _resumed_config(run, config), "resume"
     return RunDir.create(state, new_run_id(spec), spec, dict(config)), config, "new"
 
 
 def _check_same_spec(run: RunDir, config: Config) -> None:
     """Resuming a named run with explicitly different job params is an error, not a guess."""
-    params = run.info.spec.get("params", {})
-    stored = {"job": run.info.spec.get("job"), **params}
-    for name, value in config.role("job").items():
-        if config.source(name) != "default" and stored.get(name) != value:
+    stored = {"job": run.info.spec.get("job"), **run.info.spec.get("params", {})}
+    wanted = config.job_spec()
+    asked = {"job": wanted["job"], **wanted["params"]}
+    for name, value in asked.items():
+        key = name if name in config.sources else PARAM_PREFIX + name
+        if config.sources.get(key, "default") != "default" and stored.get(name) != value:
             raise ConfigError(f"run {run.run_id} was started with {name}={stored.get(name)!r}; "
                               f"it cannot resume with {name}={value!r} (use --fresh or "
                               "another --run-id)")
@@ -85,6 +98,7 @@ def _resumed_config(run: RunDir, current: Config) -> Config:
     for key in KEY_BY_NAME.values():
         if key.nullable and key.name not in run.info.config and sources[key.name] == "default":
             values[key.name] = None
+    check_relations(values)  # this invocation's settings must fit the stored ones
     return Config(values, sources)
 
 
@@ -139,19 +153,18 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     log.info("wal.recovered", records=recovery.records,
              torn_tail_repaired=recovery.torn_tail_repaired, salvaged=recovery.salvaged,
              problem=recovery.problem)
-    last = None
-    for rec in wal.records():
-        if rec.type is not RecordType.RUN:
-            last = rec
-    if last is not None and last.type is RecordType.DONE:
+    history = summarize(wal.records())
+    last = history.last
+    if history.done is not None:
         if run.read_result() is None:
-            run.write_result(last.payload["result"])
+            run.write_result(history.done.payload["result"])
         say(f"run {run.run_id} already completed: {run.result_file}")
         return EXIT_COMPLETED
     infos = wal.checkpoints()
     latest = infos[-1] if infos else None
     if how == "resume":
-        clean = last is not None and last.type is RecordType.STOP
+        clean = history.state in ("stopped", "new") or (
+            last is not None and last.type is RecordType.STOP)
         where = (f"checkpoint {latest.ckpt_seq} ({latest.units_done} units done)"
                  if latest else "the beginning (no checkpoint yet)")
         if clean or last is None:
@@ -170,7 +183,7 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     metrics = _start_metrics(run, config, log, say)
     display = None if quiet else ProgressDisplay(sys.stdout)
     sup = Supervisor(run, config, wal, log, health=health, metrics=metrics,
-                     on_status=display.update if display else None)
+                     on_status=display.update if display else None, last_epoch=history.epoch)
     try:
         code = sup.run()
     finally:

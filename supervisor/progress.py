@@ -49,13 +49,22 @@ def _duration(seconds: float) -> str:
 
 class ProgressDisplay:
     def __init__(self, out: TextIO, plain_every: float = 10.0) -> None:
-        self.out = out
+        self.out: TextIO | None = out
         self.tty = out.isatty()
         self.plain_every = plain_every
         self._last_plain = 0.0
         self._width = 0
 
     def update(self, status: dict[str, Any]) -> None:
+        if self.out is None:
+            return
+        try:
+            self._show(status)
+        except OSError:
+            self.out = None  # the terminal hung up or the pipe closed: go on silently
+
+    def _show(self, status: dict[str, Any]) -> None:
+        assert self.out is not None
         line = format_progress(status, time.time())
         if self.tty:
             pad = max(0, self._width - len(line))
@@ -68,6 +77,9 @@ class ProgressDisplay:
             self.out.flush()
 
     def close(self) -> None:
-        if self.tty and self._width:
-            self.out.write("\n")
-            self.out.flush()
+        if self.out is not None and self.tty and self._width:
+            try:
+                self.out.write("\n")
+                self.out.flush()
+            except OSError:
+                pass

@@ -60,7 +60,7 @@ class RestartSettings(FromConfig):
     poison_after: crashes before passing the same resumed checkpoint that condemn it.
     """
 
-    restart_delay: float = 1.0
+    restart_delay: float = 0.25
     restart_delay_max: float = 60.0
     max_restarts: int = 5
     restart_window: float = 600.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from nkat.protocol.messages import spec_hash
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -61,11 +62,6 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def new_run_id(spec: Mapping[str, Any]) -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + spec_hash(spec)[:6]
 
@@ -78,15 +74,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
+    """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory.
+
+    ``durable=False`` skips both fsyncs: still atomic (a reader sees the old or the new
+    file), for advisory files rewritten every second that must not compete with the WAL.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -94,7 +95,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -200,12 +202,18 @@ class RunDir:
         """Hold the run's flock for the life of a supervisor; RunLocked if taken."""
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                raise RunLocked(self.run_id, self.holder_pid()) from None
+            # holder_pid() probes with a brief shared lock: retry a moment before refusing.
+            deadline = time.monotonic() + 1.0
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise RunLocked(self.run_id, self.holder_pid()) from None
+                    time.sleep(0.02)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
@@ -231,7 +239,8 @@ class RunDir:
             os.close(fd)
 
     def write_status(self, status: Mapping[str, Any]) -> None:
-        atomic_write(self.status_file, json.dumps(status, sort_keys=True, indent=1).encode())
+        atomic_write(self.status_file, json.dumps(status, sort_keys=True, indent=1).encode(),
+                     durable=False)
 
     def read_status(self) -> dict[str, Any] | None:
         try:

@@ -12,7 +12,6 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
 from typing import IO
 
 import psutil
@@ -21,8 +20,7 @@ import psutil
 class WorkerProcess:
     """One worker incarnation (epoch)."""
 
-    def __init__(self, epoch: int, endpoint: str, backend: str,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, epoch: int, endpoint: str, backend: str, gpu_index: int = 0) -> None:
         self.epoch = epoch
         self.token = secrets.token_hex(16)
         env = dict(os.environ)
@@ -34,7 +32,11 @@ class WorkerProcess:
             "NKAT_BACKEND": backend,
             "PYTHONUNBUFFERED": "1",
         })
-        env.update(extra_env or {})
+        if "CUDA_VISIBLE_DEVICES" not in env:
+            # CUDA numbers devices fastest-first, NVML by PCI bus: make them agree, so the
+            # GPU the sensor watches is the one the worker computes on.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nkat.worker"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

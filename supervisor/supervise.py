@@ -27,13 +27,13 @@ import zmq
 from nkat.protocol import messages as m
 from nkat.protocol.wal import RecordType, Wal, WalError
 from nkat.supervisor import control
-from nkat.supervisor.config import Config
+from nkat.supervisor.config import NKAT_JOB, Config
 from nkat.supervisor.health import GpuHealth
 from nkat.supervisor.kill_sequence import Action, KillReason, KillSequence, KillSettings
 from nkat.supervisor.lifecycle import WorkerState, can_transition, check_transition
 from nkat.supervisor.metrics import RunMetrics
 from nkat.supervisor.restart_policy import Decision, ExitInfo, RestartPolicy, RestartSettings
-from nkat.supervisor.rundir import RunDir
+from nkat.supervisor.rundir import RunDir, RunDirError
 from nkat.supervisor.spawn import WorkerProcess
 from nkat.supervisor.watchdog import Watchdog, WatchdogSettings
 
@@ -42,6 +42,7 @@ EXIT_GAVE_UP = 3
 EXIT_STOPPED = 4
 
 POLL_MS = 100
+MAX_IPC_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 STATUS_EVERY_S = 1.0
 
 
@@ -52,7 +53,7 @@ class Supervisor:
                  health: GpuHealth | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  on_status: Callable[[dict[str, Any]], None] | None = None,
-                 metrics: RunMetrics | None = None) -> None:
+                 metrics: RunMetrics | None = None, last_epoch: int = 0) -> None:
         self.run_dir = run
         self.config = config
         self.wal = wal
@@ -64,7 +65,7 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.state = WorkerState.IDLE
         self.worker: WorkerProcess | None = None
-        self.epoch = self._last_epoch()
+        self.epoch = last_epoch  # the newest worker incarnation the WAL knows of
         self.restarts = 0
         self.exit_code: int | None = None
         self.outcome: str | None = None
@@ -73,11 +74,13 @@ class Supervisor:
         self.kill_reason: KillReason | None = None  # why the supervisor ended the worker
         self.pending_resume_at: float | None = None
         self.stop_requested: str | None = None  # why the operator asked to stop
+        self.stop_desired = "stopped"  # or "running": resume at boot (SIGTERM)
         self.signals: collections.deque[int] = collections.deque()
         self.last_beats: collections.deque[dict[str, Any]] = collections.deque(maxlen=5)
         self.last_beat: m.Beat | None = None
         self.last_fail: m.Fail | None = None
         self.done_recorded = False
+        self.wal_failed = False
         self.protocol_errors = 0
         self.dropped_foreign = 0
         self.ckpt_latency: collections.deque[float] = collections.deque(maxlen=256)
@@ -86,9 +89,6 @@ class Supervisor:
         self.durable_ckpt_seq = latest.ckpt_seq if latest else 0
         self.durable_units = latest.units_done if latest else 0
         self.last_ckpt_wall: float | None = latest.t_wall if latest else None
-        self.resumed_from = self.durable_ckpt_seq
-        self.started_mono = clock()
-        self.spawned_at = 0.0
         self.watchdog = Watchdog(WatchdogSettings.from_config(config), clock())
         self.policy = RestartPolicy(RestartSettings.from_config(config), random.Random())
         self._last_status = 0.0
@@ -126,6 +126,9 @@ class Supervisor:
         sock_dir = self.run_dir.sock_dir
         for name in ("worker", "control", "events"):
             path = sock_dir / name
+            if len(str(path).encode()) > MAX_IPC_PATH:
+                raise RunDirError(f"socket path {path} is longer than the {MAX_IPC_PATH} bytes "
+                                  "a Unix socket allows; use a shorter --state-dir")
             if path.exists():
                 path.unlink()  # a stale socket from a dead supervisor (we hold the lock)
         old_umask = os.umask(0o177)  # sockets are created 0600
@@ -252,7 +255,18 @@ class Supervisor:
         if msg.proto != m.PROTOCOL_VERSION:
             self._protocol_error(f"worker speaks protocol {msg.proto}", b"")
             return
-        latest = self.wal.latest_checkpoint()
+        if self.state is not WorkerState.STARTING or self.kill is not None:
+            # A second hello, or one that arrives after we began ending this worker.
+            self._protocol_error("hello out of turn", b"")
+            return
+        try:
+            latest = self.wal.latest_checkpoint()
+        except (WalError, OSError) as exc:
+            self.log.critical("wal.checkpoint_unreadable", error=str(exc))
+            self._begin_kill(now, KillReason.WAL_FAILED)
+            self._give_up(f"the newest checkpoint cannot be read ({exc}); inspect it with "
+                          "`nkat-supervise verify`, or start again with --salvage")
+            return
         resume = None if latest is None else m.Resume(
             ckpt_seq=latest.ckpt_seq, units_done=latest.units_done, state=latest.state)
         settings = self.config.role("worker")
@@ -260,7 +274,7 @@ class Supervisor:
         settings["provenance"] = {"epochs": worker.epoch, "restarts": self.restarts}
         self._send(m.Welcome(epoch=worker.epoch, run_id=self.run_dir.run_id,
                              spec=self.run_dir.info.spec, settings=settings, resume=resume))
-        self.resumed_from = latest.ckpt_seq if latest else 0
+        resumed_from = latest.ckpt_seq if latest else 0
         if self.health is not None and self.health.ladder.duty < 1.0:
             # The GPU was already hot: the new worker starts at the ladder's duty.
             self._send(m.Cmd(epoch=worker.epoch, op="throttle",
@@ -268,7 +282,7 @@ class Supervisor:
         self._set_state(WorkerState.RUNNING)
         self.watchdog.on_message(now)
         self.log.info("worker.welcomed", epoch=worker.epoch, backend=msg.backend,
-                      device=msg.device, resume_ckpt_seq=self.resumed_from or None)
+                      device=msg.device, resume_ckpt_seq=resumed_from or None)
 
     def _on_beat(self, msg: m.Beat, now: float) -> None:
         batch_seconds = msg.metrics.get("batch_seconds")
@@ -318,8 +332,7 @@ class Supervisor:
                       ack_ms=round(latency * 1000, 3))
 
     def _on_done(self, msg: m.Done) -> None:
-        canonical = json.dumps(msg.result, sort_keys=True, separators=(",", ":")).encode()
-        if m.state_digest(canonical) != msg.digest:
+        if m.result_digest(msg.result) != msg.digest:
             self._protocol_error("result digest mismatch", b"")
             return
         if not self.done_recorded:
@@ -327,21 +340,35 @@ class Supervisor:
                     RecordType.DONE, {"result": msg.result, "digest": msg.digest,
                                       "t_wall": time.time()}):
                 return
-            self.run_dir.write_result(msg.result)
             self.done_recorded = True
+            try:
+                self.run_dir.write_result(msg.result)
+            except OSError as exc:
+                # The done record is durable: the next start writes the file from it.
+                self.log.error("result.write_failed", error=str(exc))
             self.log.info("run.completed", epoch=msg.epoch, result=str(self.run_dir.result_file))
         self._send(m.Ack(epoch=msg.epoch, ckpt_seq=m.DONE_ACK_SEQ))
 
     def _durable(self, append: Callable[..., Any], *args: Any) -> bool:
-        """Run a WAL append; on failure stop everything (fail-stop: no ack, no retry)."""
+        """Run a WAL append; on failure stop everything (fail-stop: no ack, no retry).
+
+        After a failure nothing more is written: the worker is ended without a further
+        record, and the run exits 3, resumable from what was durable before.
+        """
+        if self.wal_failed:
+            return False
         try:
             append(*args)
             return True
         except (WalError, OSError) as exc:
+            self.wal_failed = True
+            self.outcome_reason = f"the write-ahead log could not be written: {exc}"
             self.log.critical("wal.write_failed", error=str(exc),
                               advice="free disk space or fix the device, then run start again")
-            self._begin_kill(self.clock(), KillReason.WAL_FAILED)
-            self._finish("wal_failed", EXIT_GAVE_UP)
+            if self.worker is not None:
+                self._begin_kill(self.clock(), KillReason.WAL_FAILED)
+            else:
+                self._finish("wal_failed", EXIT_GAVE_UP)
             return False
 
     # Control requests ------------------------------------------------------------------
@@ -379,66 +406,83 @@ class Supervisor:
         while self.signals:
             sig = self.signals.popleft()
             if sig == signal.SIGHUP:
+                # The terminal went away: go on without the progress line.
                 self.log.info("supervisor.sighup_ignored")
+                self.on_status = None
                 continue
             name = signal.Signals(sig).name
             if self.stop_requested and sig == signal.SIGINT:
                 self.log.warning("supervisor.stop_now", signal=name)
                 self._begin_kill(now, KillReason.OPERATOR_NOW)
             else:
-                self._request_stop(now, f"signal {name}")
+                desired = "running" if sig == signal.SIGTERM else "stopped"
+                self._request_stop(now, f"signal {name}", desired)
 
-    def _request_stop(self, now: float, why: str) -> None:
+    def _request_stop(self, now: float, why: str, desired: str = "stopped") -> None:
         if self.stop_requested:
             return
         self.stop_requested = why
+        self.stop_desired = desired
         self.log.info("run.stopping", reason=why, epoch=self.epoch)
-        if self.state in (WorkerState.RUNNING, WorkerState.PAUSED, WorkerState.STARTING):
+        if self.state in (WorkerState.RUNNING, WorkerState.PAUSED):
             self._begin_kill(now, KillReason.OPERATOR)
+        elif self.state is WorkerState.STARTING:
+            # Nothing to save before the handshake, and a worker not yet welcomed cannot
+            # obey cmd stop: end it at once.
+            self._begin_kill(now, KillReason.OPERATOR_NOW)
         elif self.state in (WorkerState.BACKOFF, WorkerState.COOLING, WorkerState.IDLE):
-            self._record_stop(why)
+            self._record_stop(why, desired)
 
-    def _record_stop(self, why: str) -> None:
+    def _record_stop(self, why: str, desired: str) -> None:
+        """The durable ``stop`` record. ``desired`` is "stopped" when an operator asked
+        (``stop``, Ctrl-C): it stays stopped; "running" for SIGTERM, which is also how
+        a machine shuts down, so ``start --boot`` resumes it after the reboot."""
         self._durable(self.wal.append, RecordType.STOP, {
-            "reason": why, "desired": "stopped", "t_wall": time.time(),
+            "reason": why, "desired": desired, "t_wall": time.time(),
             "ckpt_seq": self.durable_ckpt_seq})
-        self.log.info("run.stopped", reason=why, ckpt_seq=self.durable_ckpt_seq)
+        self.log.info("run.stopped", reason=why, desired=desired,
+                      ckpt_seq=self.durable_ckpt_seq)
+        if can_transition(self.state, WorkerState.STOPPED):
+            self._set_state(WorkerState.STOPPED)
         self._finish("stopped", EXIT_STOPPED)
 
     # Spawning ---------------------------------------------------------------------------
-    def _last_epoch(self) -> int:
-        last = 0
-        for rec in self.wal.records():
-            if rec.type is RecordType.EPOCH:
-                last = max(last, int(rec.payload.get("epoch", 0)))
-        return last
-
     def _start_worker(self, reason: str) -> None:
         self.epoch += 1
         if not self._durable(self.wal.append, RecordType.EPOCH, {
                 "epoch": self.epoch, "reason": reason, "t_wall": time.time(),
                 "resume_ckpt_seq": self.durable_ckpt_seq}):
             return
-        self.worker = WorkerProcess(self.epoch, self.run_dir.endpoint("worker"),
-                                    self.config["backend"])
+        try:
+            self.worker = WorkerProcess(self.epoch, self.run_dir.endpoint("worker"),
+                                        self.config["backend"], gpu_index=self.config["gpu_index"])
+        except OSError as exc:
+            self.log.critical("worker.spawn_failed", epoch=self.epoch, error=str(exc))
+            self._give_up(f"cannot start the worker: {exc}")
+            return
         now = self.clock()
-        self.spawned_at = now
         self.watchdog = Watchdog(WatchdogSettings.from_config(self.config), now)
         self.policy.on_spawn(now, self.durable_ckpt_seq)
         self.kill = None
         self.kill_reason = None
         self.last_fail = None
+        self.last_beat = None  # the dead worker's numbers must not show as this one's
+        self.last_beats.clear()
         self._set_state(WorkerState.STARTING)
         self.log.info("worker.spawned", epoch=self.epoch, pid=self.worker.pid, reason=reason)
 
     def _maybe_restart(self, now: float) -> None:
-        if self.state is WorkerState.BACKOFF and self.pending_resume_at is not None \
+        if self.state is WorkerState.BACKOFF and self.health and \
+                not self.health.may_resume():
+            self.pending_resume_at = None  # too hot to start: wait for the ladder
+            self._set_state(WorkerState.COOLING)
+        elif self.state is WorkerState.BACKOFF and self.pending_resume_at is not None \
                 and now >= self.pending_resume_at:
             self.pending_resume_at = None
             self.restarts += 1
             self._start_worker("restart")
         elif self.state is WorkerState.COOLING and (self.health is None
-                                                     or self.health.may_resume(now)):
+                                                     or self.health.may_resume()):
             self.log.info("worker.respawn_after_cooling", epoch=self.epoch)
             if self.metrics:
                 self.metrics.restart("thermal")
@@ -464,14 +508,17 @@ class Supervisor:
         if self.worker is None:
             return
         if self.kill is not None:
+            current = _SEVERITY.get(self.kill_reason, 0) if self.kill_reason else 0
+            if _SEVERITY.get(reason, 0) > current:
+                self.kill_reason = reason  # the exit is classified by the gravest reason
             if self.kill.escalate(reason):
                 self.log.warning("worker.kill_escalated", epoch=self.epoch, reason=reason.value)
             return
+        self.kill_reason = reason
+        self.kill = KillSequence(KillSettings.from_config(self.config), reason)
         self._durable(self.wal.append, RecordType.EVENT, {
             "kind": "kill", "reason": reason.value, "detail": detail, "epoch": self.epoch,
             "t_wall": time.time()})
-        self.kill_reason = reason
-        self.kill = KillSequence(KillSettings.from_config(self.config), reason)
         self.log.warning("worker.killing", epoch=self.epoch, reason=reason.value, detail=detail)
         self._advance_kill(now)
 
@@ -530,9 +577,20 @@ class Supervisor:
         if self.kill is not None:
             self._advance_kill(now)  # lets the sequence see the worker gone
         for fd, stream in list(worker.output_fds.items()):
-            for line in worker.read_lines(fd):
-                self.log.info(f"worker.{stream}", epoch=worker.epoch, line=line)
+            # Drain to EOF: the tail of a faulthandler dump is what explains a hang.
+            while fd in worker.output_fds:
+                lines = worker.read_lines(fd)
+                for line in lines:
+                    self.log.info(f"worker.{stream}", epoch=worker.epoch, line=line)
+                if not lines and fd in worker.output_fds:
+                    break
         worker.close()
+        if self.wal_failed:
+            self.worker = None
+            self.kill = None
+            self._set_state(WorkerState.EXITED)
+            self._finish("wal_failed", EXIT_GAVE_UP)
+            return
         assert worker.returncode is not None
         info = ExitInfo(returncode=worker.returncode, killed_for=self.kill_reason,
                         fatal=bool(self.last_fail and self.last_fail.fatal),
@@ -554,14 +612,14 @@ class Supervisor:
             self._set_state(WorkerState.COMPLETED)
             self._finish("completed", EXIT_COMPLETED)
         elif self.stop_requested:
-            self._record_stop(self.stop_requested)
+            self._record_stop(self.stop_requested, self.stop_desired)
         elif action == "give_up":
             self._give_up(decision.reason)
         elif action == "wait_cooldown":
             self._set_state(WorkerState.COOLING)
             self.log.warning("thermal.cooling", epoch=self.epoch)
         elif action == "stop":
-            self._record_stop(decision.reason)
+            self._record_stop(decision.reason, "stopped")
         else:
             self._durable(self.wal.append, RecordType.EVENT, {
                 "kind": "restart", "reason": decision.reason,
@@ -666,7 +724,10 @@ class Supervisor:
 
     def _dims_per_s(self, units_per_s: Any) -> float | None:
         """The NKAT job's units are blocks of ``unit_dims`` dimensions: show dims/s."""
-        unit_dims = self.run_dir.info.spec.get("params", {}).get("unit_dims")
+        spec = self.run_dir.info.spec
+        if spec.get("job") != NKAT_JOB:
+            return None
+        unit_dims = spec.get("params", {}).get("unit_dims")
         if isinstance(units_per_s, (int, float)) and isinstance(unit_dims, int):
             return float(units_per_s) * unit_dims
         return None
@@ -690,6 +751,11 @@ class Supervisor:
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 _RESERVED = {"event", "level", "ts", "run_id", "component", "epoch"}
+#: Which kill reason wins when a second one arrives during a kill: the exit is classified
+#: by the gravest (a GPU needing a reset must not be restarted as a mere hang).
+_SEVERITY = {KillReason.GPU_RESET: 5, KillReason.WAL_FAILED: 4, KillReason.XID_RESTART: 3,
+             KillReason.THERMAL_EMERGENCY: 2, KillReason.THERMAL_STOP: 1}
+
 _KILL_REASON = {"thermal_stop": KillReason.THERMAL_STOP,
                 "thermal_kill": KillReason.THERMAL_EMERGENCY,
                 "restart": KillReason.XID_RESTART, "gpu_reset": KillReason.GPU_RESET,

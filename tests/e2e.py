@@ -124,6 +124,8 @@ class SupervisedRun:
         return data
 
     def records(self) -> list[Any]:
+        if not (self.path / "wal").is_dir():
+            return []
         return list(read_records(self.path / "wal"))
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:

@@ -29,7 +29,8 @@ def test_custom_job_takes_only_params_keys(tmp_path):
 
 @pytest.mark.parametrize("option,words", [
     ("max_temprature=80", ["max_temprature", "max_temperature"]),
-    ("checkpoint_interval=-1", ["checkpoint_interval", "0.1"]),
+    ("checkpoint_interval=-1", ["checkpoint_interval", "0.01"]),
+    ("heartbeat_timeout=1", ["heartbeat_timeout", "twice heartbeat_interval"]),
     ("batch_size=1.5", ["batch_size", "integer"]),
     ("precision_mode=fast", ["precision_mode", "speed, balanced, precision"]),
     ("batch_size_adaptive=maybe", ["batch_size_adaptive", "true or false"]),

@@ -27,13 +27,14 @@ CRASH = ExitInfo(returncode=-signal.SIGSEGV)
 
 
 def policy(**overrides: float) -> RestartPolicy:
+    overrides.setdefault("restart_delay", 1.0)  # the figures below assume a 1 s first delay
     return RestartPolicy(RestartSettings(**overrides), random.Random(7))  # type: ignore[arg-type]
 
 
 def test_defaults_and_from_config() -> None:
     s = RestartSettings()
     assert (s.restart_delay, s.restart_delay_max, s.max_restarts, s.restart_window,
-            s.stable_after, s.poison_after) == (1.0, 60.0, 5, 600.0, 60.0, 3)
+            s.stable_after, s.poison_after) == (0.25, 60.0, 5, 600.0, 60.0, 3)
     assert RestartSettings.from_config({"max_restarts": 2, "poison_after": 4,
                                         "heartbeat_timeout": 1.0}) == \
         RestartSettings(max_restarts=2, poison_after=4)

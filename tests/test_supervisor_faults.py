@@ -40,7 +40,8 @@ def _finish(run: SupervisedRun, expected: str, code: int = 0) -> None:
 
 # Hangs --------------------------------------------------------------------------------
 def test_hang_with_gil_held_is_unresponsive_and_recovered(tmp_path, expected):
-    run = SupervisedRun(tmp_path, "gil", JOB + QUICK + ["heartbeat_timeout=1.5"],
+    run = SupervisedRun(tmp_path, "gil", JOB + QUICK + ["heartbeat_timeout=1.5",
+                                                       "heartbeat_interval=0.25"],
                         failpoints="hang_gil@unit=300:epoch=1")
     run.start()
     _finish(run, expected)
@@ -66,7 +67,8 @@ def test_hang_with_gil_released_is_stalled_while_beats_flow(tmp_path, expected):
 
 
 def test_sigstopped_worker_is_unresponsive_and_replaced(tmp_path, expected):
-    run = SupervisedRun(tmp_path, "sigstop", JOB + QUICK + ["heartbeat_timeout=1.5"],
+    run = SupervisedRun(tmp_path, "sigstop", JOB + QUICK + ["heartbeat_timeout=1.5",
+                                                           "heartbeat_interval=0.25"],
                         failpoints="stall@unit=200:seconds=2:epoch=1")
     run.start()
     run.wait_welcomed(1)
@@ -136,7 +138,8 @@ def test_sigterm_checkpoints_records_stop_and_exits_4(tmp_path, expected):
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait() == 4
     last = [r for r in run.records() if r.type is not RecordType.RUN][-1]
-    assert last.type is RecordType.STOP and last.payload["desired"] == "stopped"
+    # SIGTERM is also how a machine shuts down: the run wants to run again at boot.
+    assert last.type is RecordType.STOP and last.payload["desired"] == "running"
     resumed = SupervisedRun(tmp_path, "term", JOB + QUICK)
     resumed.start()
     _finish(resumed, expected)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from nkat.protocol.wal import RecordType
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     FAST_RESTARTS,
     SupervisedRun,
@@ -91,3 +92,23 @@ def test_both_sigkilled_together(tmp_path, expected):
     assert run.wait() == 0, run.err
     assert deterministic(run.result()) == expected
     _check_no_acked_loss(acked_before, run)
+
+
+def test_epoch_is_not_reused_after_retention_dropped_its_record(tmp_path, expected):
+    # Small segments and one retained checkpoint: the segment holding the epoch record is
+    # unlinked long before the supervisor is killed.
+    settings = JOB + FAST_RESTARTS + ["segment_size=65536", "backup_checkpoints=1",
+                                      "checkpoint_interval=0.02"]
+    run = SupervisedRun(tmp_path, "retained", settings)
+    run.start()
+    def epoch_record_dropped() -> bool:
+        records = run.records()
+        return bool(records) and not any(r.type is RecordType.EPOCH for r in records)
+    wait_for(epoch_record_dropped, 60, "retention to drop the segment with the epoch record",
+             interval=0.1)
+    run.kill_supervisor()
+    run.start()
+    assert run.wait() == 0, run.err
+    welcomed = [e["epoch"] for e in run.events("worker.welcomed")]
+    assert welcomed == [1, 2]
+    assert deterministic(run.result()) == expected

@@ -1,5 +1,6 @@
 """WAL figures for ``python tools/bench.py wal``: append cost against a raw fdatasync loop,
-recovery time of a full 64 MiB segment, and the crash campaign's count.
+recovery time of a full 64 MiB segment, time and peak memory of opening a 64 MiB segment
+that holds little, and the crash campaign's count.
 
 Runs in a fresh directory under the system temporary directory, whose file system is
 printed too: on a tmpfs fdatasync is free and the ratio means nothing. The two sides
@@ -14,10 +15,11 @@ import os
 import statistics
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
-from nkat.protocol.wal import RealIO, RecordType, Wal
-from nkat.protocol.wal.crashcheck import RUN, run_campaign
+from nkat.protocol.wal import RealIO, RecordType, Wal, verify
+from nkat.protocol.wal.crashcheck import RUN, checkpoint_meta, run_campaign
 from nkat.protocol.wal.format import frame_size, pack_payload
 
 RECORD_BYTES = 8192
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         base = Path(tmp)
         ratio, wal_rate, raw_rate, new_segment = _append_rates(base, rounds, per_round)
         cold, warm, records = _recover_times(base / "recover")
+        sparse_s, sparse_peak = _sparse_open(base / "sparse")
     start = time.perf_counter()
     campaign = (run_campaign(500, seed=0) if args.quick
                 else run_campaign(None, seed=0, workloads=8, second_lives=16))
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "wal_recover_s_64mib": round(cold, 4),
         "wal_recover_s_64mib_warm": round(warm, 4),
         "wal_recover_records": records,
+        "wal_open_s_64mib_sparse": round(sparse_s, 4),
+        "wal_open_peak_mib_64mib_sparse": round(sparse_peak / 2**20, 2),
         "wal_crash_states_checked": campaign.states_checked,
         "wal_crash_violations": len(campaign.violations),
         "wal_crash_campaign_s": round(time.perf_counter() - start, 2),
@@ -140,6 +145,34 @@ def _recover_times(base: Path) -> tuple[float, float, int]:
         Wal.open(wal_dir, blob_dir, segment_size=SEGMENT_BYTES).close()
         warms.append(time.perf_counter() - start)
     return statistics.median(colds), statistics.median(warms), records
+
+
+def _sparse_open(base: Path) -> tuple[float, int]:
+    """A supervisor's restart: a 64 MiB segment holding 100 small checkpoints, opened
+    and its records read. Seconds for Wal.open (page cache warm), and the peak bytes
+    Python allocates (tracemalloc) for open, records, latest checkpoint and verify."""
+    wal_dir, blob_dir = base / "wal", base / "blobs"
+    with Wal.open(wal_dir, blob_dir, run=RUN, segment_size=SEGMENT_BYTES, io=_NoSyncIO()) as wal:
+        for i in range(1, 101):
+            state = os.urandom(2048)
+            wal.append(RecordType.EVENT, {"kind": "progress", "t_wall": float(i)})
+            wal.append_checkpoint(checkpoint_meta(i, state), state)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        Wal.open(wal_dir, blob_dir, segment_size=SEGMENT_BYTES).close()
+        times.append(time.perf_counter() - start)
+    tracemalloc.start()
+    try:
+        with Wal.open(wal_dir, blob_dir, segment_size=SEGMENT_BYTES) as wal:
+            for _ in wal.records():
+                pass
+            wal.latest_checkpoint()
+        verify(wal_dir, blob_dir)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return statistics.median(times), peak
 
 
 def _evict(path: Path) -> None:

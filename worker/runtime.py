@@ -12,7 +12,6 @@ channel, or stderr when standalone), so ``--standalone`` makes exactly the same 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import queue
 import time
@@ -21,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from nkat.protocol import exitcodes
-from nkat.protocol.messages import MAX_MESSAGE_BYTES, Ack, Cmd, Message
+from nkat.protocol.messages import MAX_MESSAGE_BYTES, Ack, Cmd, Message, canonical_json
 from nkat.worker import state
 from nkat.worker.backend import Backend
 from nkat.worker.batching import BatchSizer
@@ -78,17 +77,6 @@ class ResumePoint:
     ckpt_seq: int
     units_done: int
     counters: Mapping[str, Any]
-
-
-def canonical_json(result: Mapping[str, Any]) -> str:
-    """The one spelling of a result whose digest ``done`` carries."""
-    return json.dumps(result, sort_keys=True, separators=(",", ":"))
-
-
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    """The run's spec hash as the supervisor records it in the run directory (the worker
-    may not import the supervisor: the two definitions must stay the same)."""
-    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
 
 
 def classify(exc: BaseException, backend: Backend) -> RunFailed:

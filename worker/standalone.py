@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from nkat.protocol import exitcodes
-from nkat.protocol.messages import Message
+from nkat.protocol.messages import Message, canonical_json, spec_hash
 from nkat.worker.backend import BackendUnavailable, select_backend
 from nkat.worker.failpoints import ENV as FAILPOINTS_ENV
 from nkat.worker.failpoints import FailpointError, Failpoints
 from nkat.worker.heartbeat import Board
 from nkat.worker.job import JobNotFound, JobParamsError, resolve_job
-from nkat.worker.runtime import RunFailed, Runner, canonical_json, spec_hash
+from nkat.worker.runtime import RunFailed, Runner
 from nkat.worker.settings import SettingsError, parse_settings
 
 USAGE_ERROR = 2

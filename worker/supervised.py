@@ -27,7 +27,8 @@ from nkat.protocol.messages import (
     ProtocolError,
     Resume,
     Welcome,
-    state_digest,
+    result_digest,
+    spec_hash,
 )
 from nkat.worker import guards, state
 from nkat.worker.backend import BACKENDS, Backend, BackendUnavailable, select_backend
@@ -41,9 +42,7 @@ from nkat.worker.runtime import (
     RunFailed,
     Runner,
     Stopped,
-    canonical_json,
     classify,
-    spec_hash,
 )
 from nkat.worker.settings import Settings, SettingsError, parse_settings
 
@@ -183,7 +182,7 @@ def _session(env: Env, welcome: Welcome, channel: Channel, board: Board, backend
                                                "final_ckpt_acked": stopped.acked})
         return exitcodes.STOPPED
     try:
-        channel.post_done(result, state_digest(canonical_json(result).encode()))
+        channel.post_done(result, result_digest(result))
     except (ProtocolError, OverflowError) as exc:
         raise RunFailed("job_error", f"the result cannot be sent: {exc}", fatal=True,
                         exit_code=exitcodes.FATAL) from exc

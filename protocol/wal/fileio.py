@@ -12,7 +12,10 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-_ZEROS = bytes(1 << 20)
+#: The piece size in which the log reads and zeroes ranges of a segment: reading a
+#: preallocated 64 MiB segment holds a chunk in memory at a time, not the file.
+CHUNK = 1 << 20
+ZEROS = bytes(CHUNK)
 
 
 class FileIO(Protocol):
@@ -42,7 +45,13 @@ class FileIO(Protocol):
         bytes reading as zeros."""
         ...
 
-    def read_file(self, path: Path) -> bytes: ...
+    def read_file(self, path: Path) -> bytes:
+        """The whole file (a blob's state; segments are read with read_range)."""
+        ...
+
+    def read_range(self, path: Path, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes of the file from ``offset``; fewer only at its end."""
+        ...
 
     def size(self, path: Path) -> int: ...
 
@@ -106,13 +115,20 @@ class RealIO:
             # Never overwrite what the file already holds, as posix_fallocate would not.
             offset = max(offset, os.fstat(fd).st_size)
             while offset < end:
-                step = min(len(_ZEROS), end - offset)
-                self.pwrite(fd, _ZEROS[:step], offset)
+                step = min(CHUNK, end - offset)
+                self.pwrite(fd, ZEROS[:step], offset)
                 offset += step
 
     def read_file(self, path: Path) -> bytes:
         with open(path, "rb", buffering=0) as f:
             return f.readall()
+
+    def read_range(self, path: Path, offset: int, length: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return self.pread(fd, length, offset)
+        finally:
+            os.close(fd)
 
     def size(self, path: Path) -> int:
         return os.stat(path).st_size

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +169,14 @@ def encode_frame(rtype: int, salt: int, seq: int, payload: bytes) -> bytes:
 def frame_crc(header_rest: bytes, payload: bytes) -> int:
     """The crc a frame with these header bytes 4..24 and this payload must carry."""
     return mask(google_crc32c.extend(google_crc32c.value(header_rest), payload))
+
+
+def frame_crc_of(header_rest: bytes, pieces: Iterable[bytes]) -> int:
+    """frame_crc of the payload that ``pieces`` make up, one piece in memory at a time."""
+    crc = google_crc32c.value(header_rest)
+    for piece in pieces:
+        crc = google_crc32c.extend(crc, piece)
+    return mask(crc)
 
 
 def pack_payload(payload: dict[str, Any]) -> bytes:

@@ -2,14 +2,17 @@
 
 Read-only. ``scan_log`` says what is on disk and where the first problem is, telling a
 torn tail (a crash mid-append) from corruption (damage to acknowledged data); recovery
-decides what to do about it and verify reports it.
+decides what to do about it and verify reports it. Segments are read in ranged reads of
+a chunk (fileio.CHUNK) at a time, never whole: a preallocated segment is mostly zeros,
+and reading it costs memory for the records it holds, not for its size.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from ..messages import state_digest
 from .blobs import read_blob
 from .checkpoints import CheckpointEntry, parse_entry
 from .errors import WalCorrupted
-from .fileio import FileIO
+from .fileio import CHUNK, ZEROS, FileIO
 from .format import (
     ALIGN,
     FRAME_HEADER,
@@ -30,12 +33,11 @@ from .format import (
     RecordType,
     SegmentHeader,
     frame_crc,
+    frame_crc_of,
     padded,
     parse_segment_name,
     unpack_payload,
 )
-
-_ZERO_CHUNK = bytes(1 << 16)
 
 
 @dataclass(frozen=True)
@@ -93,76 +95,165 @@ def list_segments(io: FileIO, wal_dir: Path) -> list[tuple[int, Path]]:
     return sorted((n, wal_dir / name) for n, name in numbered if n is not None)
 
 
-class FrameReader:
-    """Reads frames from ``start`` and stops at the first that is not the next record
-    of this segment. Afterwards ``end`` is just past the last good frame and ``reason``
-    says why it stopped (None: a zero header or the end of the file)."""
+class SegmentFile:
+    """A segment's bytes, fetched on demand in ranged reads of at most CHUNK bytes (or
+    one record, if larger). The last read is kept (the window), so frames read one after
+    another cost one read per chunk; one that straddles the window's end makes the next
+    read start inside it.
 
-    def __init__(self, buf: bytes, salt: int, start: int, next_seq: int | None) -> None:
-        self.buf, self.salt, self.end, self.next_seq = buf, salt, start, next_seq
+    ``size`` is the file's real size, zeros past the last record included: frame lengths
+    are checked against it, never against where the non-zero bytes end (a frame's zero
+    padding may lie past them).
+    """
+
+    def __init__(self, size: int, fetch: Callable[[int, int], bytes]) -> None:
+        self.size = size
+        self._fetch = fetch  # (offset, length) -> up to length bytes
+        self._start, self._buf = 0, b""
+
+    @classmethod
+    def open(cls, io: FileIO, path: Path, end: int | None = None) -> SegmentFile:
+        """The file at ``path``, or only its bytes before ``end`` (a segment's known end:
+        reading its records then never touches the zeros after them)."""
+        size = io.size(path)
+        return cls(size if end is None else min(end, size), partial(io.read_range, path))
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> SegmentFile:
+        return cls(len(data), lambda offset, length: data[offset:offset + length])
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes from ``offset``, ``length`` of them or fewer at the end of the file."""
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        if self._start <= offset and end <= self._start + len(self._buf):
+            return self._buf[offset - self._start:end - self._start]
+        if end - offset >= CHUNK:
+            return self._fetch(offset, end - offset)  # one large record: not kept
+        self._start, self._buf = offset, self._fetch(offset, min(CHUNK, self.size - offset))
+        return self._buf[:end - offset]
+
+    def pieces(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """The bytes from ``start`` to ``end`` (or the end of the file) as consecutive
+        (offset, piece), split at multiples of CHUNK and at the window's end, the
+        window's bytes served from it."""
+        end = min(end, self.size)
+        while start < end:
+            stop = min(end, (start // CHUNK + 1) * CHUNK)
+            if self._start <= start < self._start + len(self._buf):
+                stop = min(stop, self._start + len(self._buf))
+                piece = self._buf[start - self._start:stop - self._start]
+            else:
+                piece = self._fetch(start, stop - start)
+            if not piece:
+                return  # the file shrank under a concurrent reader
+            yield start, piece
+            start += len(piece)
+
+
+class FrameReader:
+    """Reads frames from ``start`` of a segment (a SegmentFile, or bytes in memory) and
+    stops at the first that is not the next record of this segment. Afterwards ``end``
+    is just past the last good frame and ``reason`` says why it stopped (None: a zero
+    header or the end of the file)."""
+
+    def __init__(self, data: bytes | SegmentFile, salt: int, start: int,
+                 next_seq: int | None) -> None:
+        self.src = data if isinstance(data, SegmentFile) else SegmentFile.of_bytes(data)
+        self.salt, self.end, self.next_seq = salt, start, next_seq
         self.reason: str | None = None
 
     def __iter__(self) -> Iterator[Frame]:
-        buf, size = self.buf, len(self.buf)
+        src, size = self.src, self.src.size
         offset = self.end
         while offset + FRAME_HEADER_SIZE <= size:
-            header = buf[offset:offset + FRAME_HEADER_SIZE]
+            header = src.read(offset, FRAME_HEADER_SIZE)
             if header == ZERO_FRAME_HEADER:
+                return
+            if len(header) < FRAME_HEADER_SIZE:
+                self.reason = "the file shrank while it was read"
                 return
             crc, length, rtype, salt, seq = FRAME_HEADER.unpack(header)
             body = offset + FRAME_HEADER_SIZE
             frame_end = body + padded(length)
+            payload = None
             if rtype not in RECORD_TYPES:
                 self.reason = f"bad record type {rtype}"
             elif not 0 < length <= MAX_PAYLOAD or frame_end > size:
                 self.reason = f"bad frame length {length}"
             elif salt != self.salt:
                 self.reason = "salt mismatch"
+            elif (payload := _checked_payload(src, header, crc, body, length)) is None:
+                self.reason = "checksum mismatch"
+            elif self.next_seq is not None and seq != self.next_seq:
+                self.reason = f"record seq {seq}, expected {self.next_seq}"
             else:
-                payload = buf[body:body + length]
-                if frame_crc(header[4:], payload) != crc:
-                    self.reason = "checksum mismatch"
-                elif self.next_seq is not None and seq != self.next_seq:
-                    self.reason = f"record seq {seq}, expected {self.next_seq}"
-                else:
-                    # Advance before yielding: the caller may stop at a seal.
-                    self.end, self.next_seq = frame_end, seq + 1
-                    yield Frame(offset, frame_end, rtype, seq, crc, payload)
-                    offset = frame_end
-                    continue
+                # Advance before yielding: the caller may stop at a seal.
+                self.end, self.next_seq = frame_end, seq + 1
+                yield Frame(offset, frame_end, rtype, seq, crc, payload)
+                offset = frame_end
+                continue
             return
-        if any(buf[offset:]):  # fewer bytes than a frame header, and not all zero
+        if any(src.read(offset, FRAME_HEADER_SIZE)):  # fewer bytes than a header, not all 0
             self.reason = "frame header cut short by the end of the file"
 
 
-def find_valid_frame(buf: bytes, salt: int, start: int) -> int | None:
-    """Offset of the first frame at or after ``start`` that carries this segment's salt
-    and a matching checksum (whatever its seq), or None."""
+def _checked_payload(src: SegmentFile, header: bytes, crc: int, body: int,
+                     length: int) -> bytes | None:
+    """The payload of the frame with this header if its crc matches, else None."""
+    if length > CHUNK:
+        # Checked piece by piece before it is read whole: a damaged length field must
+        # not make the reader hold a segment's worth of bytes.
+        if frame_crc_of(header[4:], (p for _, p in src.pieces(body, body + length))) != crc:
+            return None
+    payload = src.read(body, length)
+    return payload if frame_crc(header[4:], payload) == crc else None
+
+
+def scan_after(src: SegmentFile, start: int, salt: int | None) -> tuple[int, int | None]:
+    """One forward pass over the bytes from ``start`` to the end of the file, a chunk at
+    a time: just past the last non-zero byte (``start`` if none), and with ``salt`` the
+    offset of the first frame there that carries it and a matching crc, whatever its
+    seq (else None). An all-zero chunk, most of a preallocated segment, costs a compare.
+
+    Forward only, like one read of the whole file: a reader racing the writer (status
+    on a live log) meets appends in the order they were made.
+    """
+    end, follows = start, None
+    carry = b""  # the previous piece's last 3 bytes: a 4-byte salt may straddle two
+    for lo, piece in src.pieces(start, src.size):
+        if not ZEROS.startswith(piece):  # a piece is at most CHUNK bytes
+            end = lo + len(piece.rstrip(b"\0"))
+            if salt is not None and follows is None:
+                follows = _find_frame(src, salt, start, lo - len(carry), carry + piece)
+        carry = piece[-3:]
+    return end, follows
+
+
+def _find_frame(src: SegmentFile, salt: int, start: int, base: int, data: bytes) -> int | None:
+    """The first frame at or after ``start`` whose salt field lies in ``data`` (the bytes
+    from ``base``) and that verifies, or None."""
     needle = salt.to_bytes(4, "little")
-    pos = buf.find(needle, start + SALT_OFFSET)
+    pos = data.find(needle, max(0, start + SALT_OFFSET - base))
     while pos >= 0:
-        offset = pos - SALT_OFFSET
-        if offset % ALIGN == 0 and offset + FRAME_HEADER_SIZE <= len(buf):
-            crc, length, rtype, _, _ = FRAME_HEADER.unpack_from(buf, offset)
-            body = offset + FRAME_HEADER_SIZE
-            if (rtype in RECORD_TYPES and 0 < length <= MAX_PAYLOAD
-                    and body + padded(length) <= len(buf)
-                    and frame_crc(buf[offset + 4:body], buf[body:body + length]) == crc):
-                return offset
-        pos = buf.find(needle, pos + 1)
+        offset = base + pos - SALT_OFFSET
+        if offset % ALIGN == 0 and _verifies(src, salt, offset):
+            return offset
+        pos = data.find(needle, pos + 1)
     return None
 
 
-def content_end(buf: bytes, start: int) -> int:
-    """Just past the last non-zero byte at or after ``start`` (``start`` if none)."""
-    end = len(buf)
-    while end > start:
-        lo = max(start, end - len(_ZERO_CHUNK))
-        chunk = buf[lo:end]
-        if chunk != _ZERO_CHUNK[:end - lo]:
-            return lo + len(chunk.rstrip(b"\0"))
-        end = lo
-    return start
+def _verifies(src: SegmentFile, salt: int, offset: int) -> bool:
+    """Whether a frame with this salt and a matching crc (any seq) starts at ``offset``."""
+    header = src.read(offset, FRAME_HEADER_SIZE)
+    if len(header) < FRAME_HEADER_SIZE:
+        return False
+    crc, length, rtype, frame_salt, _ = FRAME_HEADER.unpack(header)
+    body = offset + FRAME_HEADER_SIZE
+    return (rtype in RECORD_TYPES and frame_salt == salt and 0 < length <= MAX_PAYLOAD
+            and body + padded(length) <= src.size
+            and _checked_payload(src, header, crc, body, length) is not None)
 
 
 def scan_log(io: FileIO, wal_dir: Path, *, decode_all: bool = False) -> LogScan:
@@ -174,7 +265,8 @@ def scan_log(io: FileIO, wal_dir: Path, *, decode_all: bool = False) -> LogScan:
     prev: SegmentScan | None = None
     for i, (number, path) in enumerate(listed):
         last = i == len(listed) - 1
-        stop = _scan_segment(scan, io.read_file(path), number, path, prev, last, decode_all)
+        stop = _scan_segment(scan, SegmentFile.open(io, path), number, path, prev, last,
+                             decode_all)
         if stop is not None:
             scan.stop = stop
             break
@@ -182,13 +274,13 @@ def scan_log(io: FileIO, wal_dir: Path, *, decode_all: bool = False) -> LogScan:
     return scan
 
 
-def _scan_segment(scan: LogScan, buf: bytes, number: int, path: Path,
+def _scan_segment(scan: LogScan, src: SegmentFile, number: int, path: Path,
                   prev: SegmentScan | None, last: bool, decode_all: bool) -> Stop | None:
     def corrupt(offset: int, reason: str) -> Stop:
         return Stop(number, path, offset, reason, torn=False)
 
     try:
-        header = SegmentHeader.decode(buf)
+        header = SegmentHeader.decode(src.read(0, HEADER_SIZE))
     except ValueError as exc:
         return corrupt(0, str(exc))
     if header.segment != number:
@@ -201,7 +293,7 @@ def _scan_segment(scan: LogScan, buf: bytes, number: int, path: Path,
     seg = SegmentScan(number, path, header.salt, HEADER_SIZE)
     scan.segments.append(seg)
     next_seq = prev.last_seq + 1 if prev is not None and prev.last_seq is not None else None
-    reader = FrameReader(buf, header.salt, HEADER_SIZE, next_seq)
+    reader = FrameReader(src, header.salt, HEADER_SIZE, next_seq)
     for frame in reader:
         if seg.first_seq is None:
             if frame.rtype != RecordType.RUN:
@@ -223,38 +315,42 @@ def _scan_segment(scan: LogScan, buf: bytes, number: int, path: Path,
             seg.seal_crc = frame.crc
             break
     seg.end = reader.end
-    seg.content_end = content_end(buf, seg.end)
     if seg.seal_crc is not None or not last:
         # Invariant: nothing is ever written after a seal, and only the newest segment
         # is appended to, so any other difference is damage.
         if seg.seal_crc is None:
             return corrupt(seg.end, reader.reason or "segment is not sealed")
+        seg.content_end, _ = scan_after(src, seg.end, None)
         if seg.content_end > seg.end:
             return corrupt(seg.end, "data after the seal")
         return None
+    # The newest segment may have stopped early. Its appends are one frame per
+    # write+fdatasync, so at most its last frame was in flight when a crash came: if a
+    # verified frame still follows, what stopped us was written and synced before it.
+    # The search runs over every non-zero chunk after the stop, to the end of the file.
+    seg.content_end, follows = scan_after(src, seg.end, header.salt)
     if reader.reason is None and seg.content_end == seg.end:
         return None
-    # The newest segment stopped early. Its appends are one frame per write+fdatasync,
-    # so at most its last frame was in flight when a crash came: if a verified frame
-    # still follows, what stopped us was written and synced before it.
     reason = reader.reason or "data after the end of the log"
-    follows = find_valid_frame(buf, header.salt, seg.end)
     if follows is not None:
         return corrupt(seg.end, f"{reason}, and a valid frame follows at {follows}")
     return Stop(number, path, seg.end, reason, torn=True)
 
 
 def segment_records(io: FileIO, seg: SegmentScan) -> Iterator[tuple[Frame, dict[str, Any]]]:
-    """The frames of a scanned segment with their payloads, read and checked again;
-    WalCorrupted if they no longer reach as far as the scan found."""
-    reader = FrameReader(io.read_file(seg.path), seg.salt, HEADER_SIZE, seg.first_seq)
+    """The frames of a scanned segment with their payloads, read and checked again up
+    to the end the scan (or the writer) knows, never into the zeros after it;
+    WalCorrupted if they no longer reach that far."""
+    end = seg.end
+    reader = FrameReader(SegmentFile.open(io, seg.path, end), seg.salt, HEADER_SIZE,
+                         seg.first_seq)
     for frame in reader:
         try:
             payload = unpack_payload(frame.payload)
         except ValueError as exc:
             raise WalCorrupted(seg.path, frame.offset, str(exc)) from None
         yield frame, payload
-    if reader.end < seg.end:
+    if reader.end < end:
         raise WalCorrupted(seg.path, reader.end, reader.reason or "records vanished")
 
 

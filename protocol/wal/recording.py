@@ -234,6 +234,10 @@ class RecordingIO:
     def read_file(self, path: Path) -> bytes:
         return bytes(self._files[self._file_ino(PurePosixPath(path))])
 
+    def read_range(self, path: Path, offset: int, length: int) -> bytes:
+        content = self._files[self._file_ino(PurePosixPath(path))]
+        return bytes(content[offset:offset + length])
+
     def size(self, path: Path) -> int:
         return len(self._files[self._file_ino(PurePosixPath(path))])
 

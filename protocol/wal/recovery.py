@@ -13,9 +13,18 @@ from pathlib import Path
 
 from .checkpoints import CheckpointEntry
 from .errors import WalCorrupted
-from .fileio import FileIO
+from .fileio import CHUNK, ZEROS, FileIO
 from .format import BROKEN_SUFFIX, HEADER_SIZE
-from .reader import LogScan, SegmentScan, Stop, content_end, list_segments, load_state, scan_log
+from .reader import (
+    LogScan,
+    SegmentFile,
+    SegmentScan,
+    Stop,
+    list_segments,
+    load_state,
+    scan_after,
+    scan_log,
+)
 
 
 @dataclass(frozen=True)
@@ -59,14 +68,8 @@ def recover(io: FileIO, wal_dir: Path, blob_dir: Path, salvage: bool) -> tuple[L
 def repair_torn_tail(io: FileIO, seg: SegmentScan) -> Path:
     """Copy the bytes after the last good frame aside, then zero them durably, so that
     the next append lands on the zeros that mark the end of the log."""
-    fd = io.open(seg.path, os.O_RDWR)
-    try:
-        tail = io.pread(fd, seg.content_end - seg.end, seg.end)
-        broken = copy_aside(io, seg.path, tail)
-        io.pwrite(fd, bytes(len(tail)), seg.end)
-        io.fdatasync(fd)
-    finally:
-        io.close(fd)
+    broken = copy_aside(io, seg.path, seg.end, seg.content_end)
+    zero_range(io, seg.path, seg.end, seg.content_end)
     seg.content_end = seg.end
     return broken
 
@@ -120,17 +123,11 @@ def cut_back(io: FileIO, scan: LogScan, blob_dir: Path, stop: Stop) -> Path | No
             cut = (prev.number, prev.end)
     number, offset = cut
     path = scan.path_of(number)
-    buf = io.read_file(path)
-    end = content_end(buf, offset)
+    end, _ = scan_after(SegmentFile.open(io, path), offset, None)
     broken = None
     if end > offset:
-        broken = copy_aside(io, path, buf[offset:end])
-        fd = io.open(path, os.O_RDWR)
-        try:
-            io.pwrite(fd, bytes(end - offset), offset)
-            io.fdatasync(fd)
-        finally:
-            io.close(fd)
+        broken = copy_aside(io, path, offset, end)
+        zero_range(io, path, offset, end)
     later = [p for n, p in list_segments(io, path.parent) if n > number]
     for p in later:
         aside = _aside_name(io, p)
@@ -141,17 +138,30 @@ def cut_back(io: FileIO, scan: LogScan, blob_dir: Path, stop: Stop) -> Path | No
     return broken
 
 
-def copy_aside(io: FileIO, path: Path, data: bytes) -> Path:
-    """Keep ``data`` for the operator in a new ``<segment>.broken`` file, durably."""
+def copy_aside(io: FileIO, path: Path, start: int, end: int) -> Path:
+    """Keep the bytes ``start..end`` of a segment for the operator in a new
+    ``<segment>.broken`` file, durably; copied a chunk at a time."""
     aside = _aside_name(io, path)
     fd = io.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        io.pwrite(fd, data, 0)
+        for offset, piece in SegmentFile.open(io, path).pieces(start, end):
+            io.pwrite(fd, piece, offset - start)
         io.fsync(fd)
     finally:
         io.close(fd)
     io.fsync_dir(path.parent)
     return aside
+
+
+def zero_range(io: FileIO, path: Path, start: int, end: int) -> None:
+    """Overwrite the bytes ``start..end`` of a segment with zeros, durably."""
+    fd = io.open(path, os.O_RDWR)
+    try:
+        for offset in range(start, end, CHUNK):
+            io.pwrite(fd, ZEROS[:end - offset], offset)
+        io.fdatasync(fd)
+    finally:
+        io.close(fd)
 
 
 def _aside_name(io: FileIO, path: Path) -> Path:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fileio import FileIO
+from .fileio import CHUNK, ZEROS, FileIO
 from .format import (
     HEADER_SIZE,
     TMP_SUFFIX,
@@ -24,7 +24,6 @@ from .format import (
 )
 from .reader import SegmentScan
 
-_ZEROS = bytes(1 << 20)
 #: Largest seal payload; every segment keeps room for its seal frame.
 SEAL_RESERVE = frame_size(len(pack_payload({"segment": (1 << 64) - 1})))
 
@@ -150,8 +149,8 @@ def _prepare(io: FileIO, wal_dir: Path, number: int, segment_size: int) -> int:
         # second of fallocate alone (tools/bench.py wal). PostgreSQL zero-fills its WAL
         # segments for the same reason.
         io.fallocate(fd, 0, segment_size)
-        for offset in range(0, segment_size, len(_ZEROS)):
-            io.pwrite(fd, _ZEROS[:segment_size - offset], offset)
+        for offset in range(0, segment_size, CHUNK):
+            io.pwrite(fd, ZEROS[:segment_size - offset], offset)
         io.fdatasync(fd)
     except OSError:
         io.close(fd)

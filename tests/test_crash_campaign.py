@@ -1,0 +1,36 @@
+"""Smoke test of tools/crash_campaign.py: a short random-kill campaign on real processes.
+
+Nine kills, three of each kind (worker, supervisor, both at once), on a small job; the
+run must still end with the uninterrupted result, byte for byte, without losing an
+acknowledged checkpoint or leaving a worker behind. The full campaign is
+``python tools/crash_campaign.py --kills 30``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CAMPAIGN = Path(__file__).resolve().parent.parent / "tools" / "crash_campaign.py"
+
+
+@pytest.mark.timeout(180)
+def test_random_kills_keep_the_result_and_every_acked_checkpoint(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(CAMPAIGN), "--kills", "9", "--seed", "3", "--target", "both",
+         "--max-dimension", "1e8", "--state-dir", str(tmp_path), "--json", "--quiet"],
+        capture_output=True, text=True, timeout=170)
+    assert proc.stdout, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["kills"] == 9, summary["notes"]
+    assert summary["kills_by_kind"] == {"worker": 3, "supervisor": 3, "both": 3}
+    assert summary["result_identical"], summary
+    assert summary["acked_lost"] == 0, summary["acked_lost_detail"]
+    assert summary["orphans"] == 0 and summary["leftover_processes"] == 0, summary["notes"]
+    assert summary["supervisor_exit"] == 0 and summary["wal_verify_ok"], summary["notes"]
+    assert summary["supervisor_starts"] == 1 + summary["supervisor_kills"]
+    assert proc.returncode == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nkat.protocol.wal import RecordType, Wal, WalCorrupted, WalError
 from nkat.supervisor.config import (
@@ -24,10 +24,12 @@ from nkat.supervisor.config import (
 )
 from nkat.supervisor.inspect import run_state_from_disk, summarize
 from nkat.supervisor.jsonlog import open_run_log
-from nkat.supervisor.metrics import RunMetrics
 from nkat.supervisor.progress import ProgressDisplay
 from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id, spec_hash
 from nkat.supervisor.supervise import EXIT_COMPLETED, EXIT_GAVE_UP, Supervisor
+
+if TYPE_CHECKING:
+    from nkat.supervisor.metrics import RunMetrics
 
 EXIT_USAGE = 2
 
@@ -201,6 +203,7 @@ def _start_metrics(run: RunDir, config: Config, log: Any, say: Any) -> RunMetric
     addr = config["metrics_addr"]
     if not addr:
         return None
+    from nkat.supervisor.metrics import RunMetrics
     metrics = RunMetrics.for_run(run)
     try:
         metrics.serve(addr)

@@ -20,7 +20,8 @@ import psutil
 class WorkerProcess:
     """One worker incarnation (epoch)."""
 
-    def __init__(self, epoch: int, endpoint: str, backend: str, gpu_index: int = 0) -> None:
+    def __init__(self, epoch: int, endpoint: str, backend: str, job: str,
+                 gpu_index: int = 0) -> None:
         self.epoch = epoch
         self.token = secrets.token_hex(16)
         env = dict(os.environ)
@@ -30,6 +31,7 @@ class WorkerProcess:
             "NKAT_EPOCH": str(epoch),
             "NKAT_SUPERVISOR_PID": str(os.getpid()),
             "NKAT_BACKEND": backend,
+            "NKAT_JOB": job,
             "PYTHONUNBUFFERED": "1",
         })
         if "CUDA_VISIBLE_DEVICES" not in env:

@@ -19,7 +19,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import zmq
@@ -31,11 +31,13 @@ from nkat.supervisor.config import NKAT_JOB, Config
 from nkat.supervisor.health import GpuHealth
 from nkat.supervisor.kill_sequence import Action, KillReason, KillSequence, KillSettings
 from nkat.supervisor.lifecycle import WorkerState, can_transition, check_transition
-from nkat.supervisor.metrics import RunMetrics
 from nkat.supervisor.restart_policy import Decision, ExitInfo, RestartPolicy, RestartSettings
 from nkat.supervisor.rundir import RunDir, RunDirError
 from nkat.supervisor.spawn import WorkerProcess
 from nkat.supervisor.watchdog import Watchdog, WatchdogSettings
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked for
+    from nkat.supervisor.metrics import RunMetrics
 
 EXIT_COMPLETED = 0
 EXIT_GAVE_UP = 3
@@ -455,7 +457,8 @@ class Supervisor:
             return
         try:
             self.worker = WorkerProcess(self.epoch, self.run_dir.endpoint("worker"),
-                                        self.config["backend"], gpu_index=self.config["gpu_index"])
+                                        self.config["backend"], job=self.run_dir.info.spec["job"],
+                                        gpu_index=self.config["gpu_index"])
         except OSError as exc:
             self.log.critical("worker.spawn_failed", epoch=self.epoch, error=str(exc))
             self._give_up(f"cannot start the worker: {exc}")

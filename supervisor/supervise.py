@@ -94,6 +94,9 @@ class Supervisor:
         self.watchdog = Watchdog(WatchdogSettings.from_config(config), clock())
         self.policy = RestartPolicy(RestartSettings.from_config(config), random.Random())
         self._last_status = 0.0
+        self._me = psutil.Process()
+        self._polled_fds: set[int] | None = None  # None: no poller built yet
+        self._poller = zmq.Poller()
 
     # Life ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -158,14 +161,17 @@ class Supervisor:
 
     # Polling ------------------------------------------------------------------------------
     def _poll(self, timeout_ms: int) -> None:
-        poller = zmq.Poller()
-        poller.register(self.wsock, zmq.POLLIN)
-        poller.register(self.csock, zmq.POLLIN)
         fds = self.worker.output_fds if self.worker else {}
-        for fd in fds:
-            poller.register(fd, zmq.POLLIN)
+        if set(fds) != self._polled_fds:
+            # Rebuilt only when the worker's pipes change: the loop turns ten times a second.
+            self._poller = zmq.Poller()
+            self._poller.register(self.wsock, zmq.POLLIN)
+            self._poller.register(self.csock, zmq.POLLIN)
+            for fd in fds:
+                self._poller.register(fd, zmq.POLLIN)
+            self._polled_fds = set(fds)
         try:
-            ready = dict(poller.poll(timeout_ms))
+            ready = dict(self._poller.poll(timeout_ms))
         except zmq.ZMQError:
             return  # interrupted by a signal: handled next turn
         if self.wsock in ready:
@@ -721,7 +727,7 @@ class Supervisor:
             "protocol_errors": self.protocol_errors,
             "foreign_dropped": self.dropped_foreign,
             "gpu": self.health.snapshot() if self.health else None,
-            "supervisor_rss_bytes": psutil.Process().memory_info().rss,
+            "supervisor_rss_bytes": self._me.memory_info().rss,
             "updated_wall": time.time(),
         }
 

@@ -320,7 +320,8 @@ def test_result_has_the_seeds_keys_and_is_plain_json():
                                  "average_convergence", "average_consistency",
                                  "peak_convergence", "convergence_stability"}
     assert set(r["performance"]) == {"total_gpu_time", "average_throughput",
-                                     "peak_gpu_utilization", "max_memory_usage"}
+                                     "peak_gpu_utilization", "max_memory_usage",
+                                     "fast_batch_throughput"}
     tv = r["theoretical_validation"]
     assert set(tv["consistency_trend"]) == {"slope", "improving", "stability"}
     assert set(tv["convergence_pattern"]) == {"peak_dimension", "peak_value",
@@ -333,6 +334,7 @@ def test_result_has_the_seeds_keys_and_is_plain_json():
     assert r["performance"]["average_throughput"] == 2000.0
     assert r["performance"]["peak_gpu_utilization"] is None
     assert r["performance"]["max_memory_usage"] == 3.0
+    assert r["performance"]["fast_batch_throughput"] is None  # no batch times in the context
     peak = tv["convergence_pattern"]
     assert peak["theoretical_peak"] == nk.NC
     assert peak["peak_accuracy"] == pytest.approx(1 - abs(3000 - nk.NC) / nk.NC)

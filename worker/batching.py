@@ -8,6 +8,8 @@ so every size is correct: this only trades speed against memory and responsivene
 
 from __future__ import annotations
 
+import math
+
 #: A doubling must raise units/s by more than this factor to be kept growing.
 GROWTH_GAIN = 1.05
 #: Commands and checkpoints wait for the batch in progress, so batches stay this short.
@@ -56,3 +58,38 @@ class BatchSizer:
         self.size = max(1, failed_size // 2)
         self.cap = max(1, min(self.cap, failed_size - 1))
         return self.size
+
+
+class UnitTimes:
+    """Quantiles of seconds per unit over a process's batches, in O(1) memory.
+
+    A log-spaced histogram (0.37 % per bin) of each batch's time divided by its units,
+    weighted by the units. Its low quantiles give the rate of the fastest batches, which
+    a host that switches between speeds (shared cores, frequency scaling) moves far less
+    than it moves a whole run's average.
+    """
+
+    _LOW, _HIGH, _BINS = 1e-9, 1e4, 8192
+
+    def __init__(self) -> None:
+        self._counts = [0] * self._BINS
+        self._total = 0
+        self._scale = (self._BINS - 1) / math.log(self._HIGH / self._LOW)
+
+    def add(self, seconds: float, units: int) -> None:
+        if units <= 0 or seconds <= 0:
+            return
+        per_unit = min(max(seconds / units, self._LOW), self._HIGH)
+        self._counts[int(math.log(per_unit / self._LOW) * self._scale)] += units
+        self._total += units
+
+    def quantile(self, q: float) -> float | None:
+        """Seconds per unit at quantile ``q`` (bin centre), or None before any batch."""
+        if not self._total:
+            return None
+        target, seen = q * self._total, 0
+        for index, count in enumerate(self._counts):
+            seen += count
+            if seen >= target and count:
+                return self._LOW * math.exp((index + 0.5) / self._scale)
+        return self._HIGH

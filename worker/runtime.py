@@ -23,7 +23,7 @@ from nkat.protocol import exitcodes
 from nkat.protocol.messages import MAX_MESSAGE_BYTES, Ack, Cmd, Message, canonical_json
 from nkat.worker import state
 from nkat.worker.backend import Backend
-from nkat.worker.batching import BatchSizer
+from nkat.worker.batching import BatchSizer, UnitTimes
 from nkat.worker.failpoints import Failpoints
 from nkat.worker.heartbeat import Board
 from nkat.worker.job import Job, JobParamsError, RunContext
@@ -114,6 +114,7 @@ class Runner:
                             fatal=True, exit_code=exitcodes.FATAL)
         self.sizer = BatchSizer(settings.batch_size or job.default_batch_units,
                                 adaptive=settings.batch_size_adaptive, units_total=self.total)
+        self.unit_times = UnitTimes()  # this process's batches only
         self.progress_seq = 0
         self.duty = 1.0
         self.paused = False
@@ -150,6 +151,7 @@ class Runner:
         self.progress_seq += 1
         self.counters["compute_seconds"] += seconds
         self.counters["batches"] += 1
+        self.unit_times.add(seconds, count)
         self.backend.sample()
         sleep = seconds * (1.0 - self.duty) / self.duty
         if self.sizer.observe(count, seconds, headroom=self.backend.has_headroom(2.0)):
@@ -201,7 +203,9 @@ class Runner:
             spec_hash=self.spec_hash,
             extra={"units_total": self.total, "batches": self.counters["batches"],
                    "oom_retries": self.counters["oom_retries"], "batch_size": self.sizer.size,
-                   "epoch_wall_seconds": wall_seconds})
+                   "epoch_wall_seconds": wall_seconds,
+                   "unit_seconds_p10": self.unit_times.quantile(0.10),
+                   "unit_seconds_p50": self.unit_times.quantile(0.50)})
         result = self._call(self.job.finalize, context)
         try:
             # One round through canonical JSON: what we send is what the digest covers.

@@ -49,7 +49,10 @@ summary
 performance               from the runtime, not deterministic: total_gpu_time (compute
                           seconds, on whichever backend), average_throughput (dimensions
                           per compute second), peak_gpu_utilization (percent, None where
-                          no GPU reports it), max_memory_usage (peak memory, GiB).
+                          no GPU reports it), max_memory_usage (peak memory, GiB),
+                          fast_batch_throughput (dimensions per second of the fastest
+                          tenth of the last worker process's batches: what a host that
+                          switches between speeds moves least).
 theoretical_validation
     consistency_trend     slope: least-squares slope of c(N) over N (per dimension);
                           improving: slope > 0; stability: 1/(1 + σ_c).
@@ -182,6 +185,13 @@ def _int_param(params: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
     if not ok or not lo <= value <= hi:
         raise JobParamsError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
     return int(value)
+
+
+def _fast_throughput(unit_seconds: Any, unit_dims: int) -> float | None:
+    """Dims/s of the fastest tenth of this process's batches (see ``UnitTimes``)."""
+    if not isinstance(unit_seconds, float) or unit_seconds <= 0:
+        return None
+    return _finite(unit_dims / unit_seconds)
 
 
 def _finite(x: float | None) -> float | None:
@@ -445,6 +455,8 @@ class NkatHighDim(Job):
                 "average_throughput": _finite(done / seconds) if seconds > 0 else None,
                 "peak_gpu_utilization": _finite(context.extra.get("peak_gpu_utilization")),
                 "max_memory_usage": _finite(context.peak_memory_bytes / 2**30),
+                "fast_batch_throughput": _fast_throughput(
+                    context.extra.get("unit_seconds_p10"), self.unit_dims),
             },
             "theoretical_validation": {
                 "consistency_trend": {

@@ -95,11 +95,14 @@ def test_both_sigkilled_together(tmp_path, expected):
 
 
 def test_epoch_is_not_reused_after_retention_dropped_its_record(tmp_path, expected):
-    # Small segments and one retained checkpoint: the segment holding the epoch record is
-    # unlinked long before the supervisor is killed.
+    # Small segments, one retained checkpoint and small fixed batches that checkpoint often:
+    # the segment holding the epoch record is unlinked after a few thousand units. Epoch 1
+    # then hangs at unit 12000 (beats go on; the 30 s stall floor is never reached), so it
+    # cannot finish the job before the supervisor is killed, however fast this machine is.
     settings = JOB + FAST_RESTARTS + ["segment_size=65536", "backup_checkpoints=1",
-                                      "checkpoint_interval=0.02"]
-    run = SupervisedRun(tmp_path, "retained", settings)
+                                      "checkpoint_interval=0.02", "batch_size=4",
+                                      "batch_size_adaptive=false"]
+    run = SupervisedRun(tmp_path, "retained", settings, failpoints="hang_nogil@unit=12000:epoch=1")
     run.start()
     def epoch_record_dropped() -> bool:
         records = run.records()

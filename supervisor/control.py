@@ -56,4 +56,5 @@ def decode_request(data: bytes) -> dict[str, Any]:
 
 
 def encode_reply(reply: dict[str, Any]) -> bytes:
-    return msgpack.packb(reply, use_bin_type=True, default=str)
+    packed: bytes = msgpack.packb(reply, use_bin_type=True, default=str)
+    return packed

@@ -18,8 +18,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from nkat.protocol.wal import Record, RecordType, WalError, verify
-from nkat.protocol.wal.readonly import read_records
+from nkat.protocol.wal import Record, RecordType, WalError
+from nkat.protocol.wal.readonly import read_records, verify_settled
 from nkat.supervisor import control
 from nkat.supervisor.rundir import RunDir
 
@@ -115,7 +115,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
 
 
 def _checkpoints(run: RunDir) -> list[dict[str, Any]]:
-    report = verify(run.wal_dir, run.blob_dir)
+    report = verify_settled(run.wal_dir, run.blob_dir)
     return [{"ckpt_seq": c.ckpt_seq, "epoch": c.epoch, "units_done": c.units_done,
              "t_wall": c.t_wall, "size": c.size, "inline": c.inline, "digest": c.digest,
              "verified": True} for c in report.checkpoints]
@@ -127,7 +127,7 @@ def list_checkpoints(run: RunDir) -> list[dict[str, Any]]:
 
 
 def verify_run(run: RunDir) -> dict[str, Any]:
-    report = verify(run.wal_dir, run.blob_dir)
+    report = verify_settled(run.wal_dir, run.blob_dir)
     problem = report.problem
     return {
         "run_id": run.run_id,

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nkat.protocol.messages import spec_hash
 from nkat.protocol.wal import RecordType, Wal, WalCorrupted, WalError
 from nkat.supervisor.config import (
     KEY_BY_NAME,
@@ -25,7 +26,7 @@ from nkat.supervisor.config import (
 from nkat.supervisor.inspect import run_state_from_disk, summarize
 from nkat.supervisor.jsonlog import open_run_log
 from nkat.supervisor.progress import ProgressDisplay
-from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id, spec_hash
+from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id
 from nkat.supervisor.supervise import EXIT_COMPLETED, EXIT_GAVE_UP, Supervisor
 
 if TYPE_CHECKING:

@@ -134,9 +134,9 @@ class CupyBackend(Backend):
         held = self._pool.total_bytes()
         limit = self._pool.get_limit()
         if limit:
-            return held * factor <= limit
+            return bool(held * factor <= limit)
         free, _ = self.xp.cuda.runtime.memGetInfo()
-        return held * (factor - 1) <= free + self._pool.free_bytes()
+        return bool(held * (factor - 1) <= free + self._pool.free_bytes())
 
     def sample(self) -> None:
         # The pool keeps freed blocks, so its size right after a batch is that batch's peak.

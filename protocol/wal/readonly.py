@@ -2,30 +2,91 @@
 
     for record in read_records(run_dir / "wal"):   # stops quietly at a torn tail
         ...
+    report = verify_settled(run_dir / "wal", run_dir / "blobs")
 
 For tools that inspect a run while its supervisor is down (or running): ``status``,
-``runs`` and the choice of what ``start --boot`` resumes.
+``runs``, ``checkpoints``, ``verify`` and the choice of what ``start --boot`` resumes.
+
+A reader racing a live writer can see a moment that never existed on disk as a whole:
+an append half copied into the page cache with the next one already complete after it
+("a valid frame follows"), or a segment or blob that retention unlinks between the
+listing and the read. Real damage stays where it is; a race moves on. So these readers
+read again, up to ``ATTEMPTS`` times, and report a problem only when two reads in a row
+agree on it. A log nobody writes to gives the same answer twice, at the cost of one more
+read where it is damaged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import WalCorrupted
 from .fileio import FileIO, RealIO
 from .format import RecordType
 from .reader import scan_log, segment_records
+from .verify import VerifyReport, verify
 from .wal import Record
+
+#: Reads of a log before a problem that keeps moving is reported anyway.
+ATTEMPTS = 4
+#: Seconds between two reads: a writer's append takes well under this.
+PAUSE = 0.02
+
+T = TypeVar("T")
+
+
+def settled(read: Callable[[], T], problem_of: Callable[[T], Hashable | None], *,
+            attempts: int = ATTEMPTS, pause: float = PAUSE,
+            sleep: Callable[[float], None] = time.sleep) -> T:
+    """``read()`` until it finds no problem or two reads in a row find the same one; the
+    last result after ``attempts`` reads otherwise."""
+    previous: Hashable | None = None
+    result = read()
+    for _ in range(attempts - 1):
+        problem = problem_of(result)
+        if problem is None or problem == previous:
+            break
+        previous = problem
+        sleep(pause)
+        result = read()
+    return result
 
 
 def read_records(wal_dir: Path, io: FileIO | None = None) -> Iterator[Record]:
     """Every readable record in seq order; WalCorrupted where acknowledged data is damaged
     (a torn tail just ends the iteration, as recovery would cut it)."""
     io = io if io is not None else RealIO()
-    scan = scan_log(io, Path(wal_dir))
-    for seg in scan.segments:
-        for frame, payload in segment_records(io, seg):
-            yield Record(frame.seq, RecordType(frame.rtype), payload)
-    if scan.stop is not None and not scan.stop.torn:
-        raise WalCorrupted(scan.stop.path, scan.stop.offset, scan.stop.reason)
+    records, error = settled(lambda: _read_once(io, Path(wal_dir)), _problem_of_read)
+    yield from records
+    if error is not None:
+        raise error
+
+
+def verify_settled(wal_dir: Path, blob_dir: Path, io: FileIO | None = None) -> VerifyReport:
+    """``verify`` of a log that may be live: a problem is reported once it holds still."""
+    def problem_of(report: VerifyReport) -> Hashable | None:
+        p = report.problem
+        return None if p is None else (str(p.segment), p.offset, p.reason)
+    return settled(lambda: verify(wal_dir, blob_dir, io=io), problem_of)
+
+
+def _read_once(io: FileIO, wal_dir: Path) -> tuple[list[Record], Exception | None]:
+    records: list[Record] = []
+    try:
+        scan = scan_log(io, wal_dir)
+        for seg in scan.segments:
+            for frame, payload in segment_records(io, seg):
+                records.append(Record(frame.seq, RecordType(frame.rtype), payload))
+        if scan.stop is not None and not scan.stop.torn:
+            return records, WalCorrupted(scan.stop.path, scan.stop.offset, scan.stop.reason)
+    except (WalCorrupted, FileNotFoundError) as exc:
+        return records, exc
+    return records, None
+
+
+def _problem_of_read(result: tuple[list[Record], Exception | None]) -> Hashable | None:
+    _, error = result
+    return None if error is None else (type(error).__name__, str(error))

@@ -391,7 +391,7 @@ class NkatHighDim(Job):
         self.units_done += 1
 
     def snapshot(self) -> bytes:
-        return msgpack.packb({
+        packed: bytes = msgpack.packb({
             "v": _SNAPSHOT_VERSION,
             "params": self._fingerprint,
             "units_done": self.units_done,
@@ -403,6 +403,7 @@ class NkatHighDim(Job):
             "curve": self.curve,
             "samples": self.samples,
         }, use_bin_type=True)
+        return packed
 
     def restore(self, data: bytes) -> None:
         state = msgpack.unpackb(data, raw=False, strict_map_key=True)

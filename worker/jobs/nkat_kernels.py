@@ -49,7 +49,8 @@ def model(n: np.ndarray) -> np.ndarray:
     lg = np.log(n / NC)
     with np.errstate(under="ignore"):
         fade = np.exp(-DELTA * (n - NC))
-    return 1.0 + GAMMA * lg * (1.0 - fade) + C2 * lg**2 / n**2 + C3 * lg**3 / n**3
+    s: np.ndarray = 1.0 + GAMMA * lg * (1.0 - fade) + C2 * lg**2 / n**2 + C3 * lg**3 / n**3
+    return s
 
 
 def shifts(first: np.ndarray, length: float | np.ndarray) -> np.ndarray:

@@ -180,6 +180,9 @@ class ListLink:
     def extend(self, seconds: float, reason: str) -> None:
         self.logs.append(("extend", {"reason": reason}))
 
+    def beat_now(self) -> None:
+        self.logs.append(("beat_now", {}))
+
     def post_ckpt(self, ckpt_seq: int, units_done: int, job_state: bytes, runtime: Any) -> None:
         self.ckpts.append((ckpt_seq, units_done, job_state))
 

@@ -68,6 +68,16 @@ def test_hello_welcome_beats_done(sup):
     assert seqs == sorted(seqs) and seqs[-1] > seqs[0]
 
 
+def test_the_first_progress_of_an_epoch_is_beaten_at_once(sup):
+    # Beats every 30 s: after the one that starts them, only the first batch's own beat
+    # can show progress within the 5 s the test waits.
+    sup.start({"units": 100_000, "unit_seconds": 0.002}, settings={"heartbeat_interval": 30})
+    first = sup.expect(Beat, timeout=5, where=lambda b: b.units_done > 0)
+    assert first.progress_seq == 1 and first.stage == "compute"
+    later = sup.beats(sup.collect(1.0))
+    assert later == []  # then the 30 s cadence again
+
+
 def test_checkpoints_keep_one_in_flight_and_resend_until_acked(sup):
     sup.auto_ack = False
     sup.start(SLOW, settings={"checkpoint_interval": 0.05, "ack_resend": 0.3})

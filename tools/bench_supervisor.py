@@ -465,6 +465,9 @@ def _snapshot_alone(dims: int) -> list[float]:
         def extend(self, seconds: float, reason: str) -> None:
             pass
 
+        def beat_now(self) -> None:
+            pass
+
         def post_ckpt(self, ckpt_seq: int, units_done: int, job_state: bytes,
                       runtime: Any) -> None:
             self.inbox.put(Ack(epoch=1, ckpt_seq=ckpt_seq))

@@ -111,6 +111,10 @@ class Channel:
         self._post(("send", Log(epoch=self._epoch, level=level, event=event,
                                 fields=dict(fields))))
 
+    def beat_now(self) -> None:
+        """Send the next beat at once (once beats have started), then keep the cadence."""
+        self._post(("beat_now",))
+
     def extend(self, seconds: float, reason: str) -> None:
         self._post(("send", Extend(epoch=self._epoch, seconds=seconds, reason=reason)))
 
@@ -213,6 +217,8 @@ class Channel:
                 self._send(sock, encode(item[1]))
             elif op == "beats":
                 self._beat_interval, self._ack_resend, self._silence = item[1:]
+                self._next_beat = time.monotonic()
+            elif op == "beat_now":
                 self._next_beat = time.monotonic()
             elif op == "ckpt":
                 _, seq, units_done, job_state, runtime = item

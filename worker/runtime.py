@@ -66,6 +66,8 @@ class Link(Protocol):
 
     def extend(self, seconds: float, reason: str) -> None: ...
 
+    def beat_now(self) -> None: ...
+
     def post_ckpt(self, ckpt_seq: int, units_done: int, job_state: bytes,
                   runtime: Mapping[str, Any]) -> None: ...
 
@@ -159,6 +161,10 @@ class Runner:
                                                     "reason": "throughput"})
         self._publish(stage="compute", batch_seconds=seconds, batch_units=count,
                       units_per_s=count / (seconds + sleep) if seconds + sleep > 0 else 0.0)
+        if self.progress_seq == 1:
+            # The epoch's first progress is news (a restart worked, the ETA can start):
+            # beat now rather than up to a heartbeat_interval later.
+            self.link.beat_now()
         if sleep > 0:
             self._sleep(sleep)
 

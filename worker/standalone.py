@@ -49,6 +49,9 @@ class StderrLink:
     def extend(self, seconds: float, reason: str) -> None:
         """No deadline to extend without a supervisor."""
 
+    def beat_now(self) -> None:
+        """No beats without a supervisor."""
+
     def post_ckpt(self, ckpt_seq: int, units_done: int, job_state: bytes,
                   runtime: Mapping[str, Any]) -> None:
         raise AssertionError("a standalone run takes no checkpoints")

@@ -1,5 +1,6 @@
 """The nkat-highdim job: its numbers, its counting, its params, its state and its result."""
 
+import dataclasses
 import json
 import math
 import tracemalloc
@@ -321,7 +322,7 @@ def test_result_has_the_seeds_keys_and_is_plain_json():
                                  "peak_convergence", "convergence_stability"}
     assert set(r["performance"]) == {"total_gpu_time", "average_throughput",
                                      "peak_gpu_utilization", "max_memory_usage",
-                                     "fast_batch_throughput"}
+                                     "fast_batch_throughput", "epoch_throughput"}
     tv = r["theoretical_validation"]
     assert set(tv["consistency_trend"]) == {"slope", "improving", "stability"}
     assert set(tv["convergence_pattern"]) == {"peak_dimension", "peak_value",
@@ -335,11 +336,26 @@ def test_result_has_the_seeds_keys_and_is_plain_json():
     assert r["performance"]["peak_gpu_utilization"] is None
     assert r["performance"]["max_memory_usage"] == 3.0
     assert r["performance"]["fast_batch_throughput"] is None  # no batch times in the context
+    assert r["performance"]["epoch_throughput"] is None  # nor the epoch's wall time
     peak = tv["convergence_pattern"]
     assert peak["theoretical_peak"] == nk.NC
     assert peak["peak_accuracy"] == pytest.approx(1 - abs(3000 - nk.NC) / nk.NC)
     json.dumps(r, allow_nan=False)
     assert set(job.deterministic_result(r)) == set(r) - {"performance", "provenance"}
+
+
+def test_epoch_throughput_counts_the_last_process_dims_over_its_wall_time():
+    job = NkatHighDim({"max_dimension": 300_000, "unit_dims": 65536})  # 5 units
+    advance(job, job.units_total(), [2])
+    context = dataclasses.replace(CONTEXT, extra={"epoch_first_unit": 2,
+                                                  "epoch_wall_seconds": 0.5})
+    # Resumed after units 0 and 1: this process computed N = min_n + 131072 .. 300000.
+    expected = (300_000 - (job.min_n + 2 * 65536) + 1) / 0.5
+    assert job.finalize(context)["performance"]["epoch_throughput"] == expected
+    for bad in ({"epoch_first_unit": 5, "epoch_wall_seconds": 0.5},
+                {"epoch_first_unit": 0, "epoch_wall_seconds": 0.0}):
+        assert job.finalize(dataclasses.replace(CONTEXT, extra=bad))[
+            "performance"]["epoch_throughput"] is None
 
 
 def test_zero_compute_time_gives_no_throughput():

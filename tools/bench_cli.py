@@ -9,8 +9,9 @@ operator gets answers from a live run. All from real processes in this one run.
                                    ``nkat-supervise logs -f --json RUN``; null, with
                                    logs_follow_note, where the CLI has no ``logs`` command.
     start_to_first_progress_s      launching ``nkat-supervise start`` for a fresh run -> the
-                                   first beat with units done (beats every 0.05 s, read from
-                                   the run's events socket); the median of a few fresh runs.
+                                   first beat with units done (default heartbeat settings:
+                                   the worker beats at once after its first batch; read
+                                   from the run's events socket); the median of a few fresh runs.
                                    _ckpt: -> the first ``checkpoint.durable`` (checkpoints
                                    every 0.1 s), an upper bound by another road.
                                    start_breakdown_p50: launch -> ``wal.recovered`` (the
@@ -153,7 +154,7 @@ def start_to_first_progress(base: Path, command: list[str], runs: int) -> dict[s
 
 def _first_progress(base: Path, command: list[str], run_id: str) -> dict[str, float]:
     run = SupervisedRun(base, run_id, {"max_dimension": ENDLESS, "checkpoint_interval": 0.1,
-                                       "heartbeat_interval": 0.05, "log_max_bytes": 1 << 30},
+                                       "log_max_bytes": 1 << 30},
                         command=command)
     # Listening before the launch: the socket connects once the supervisor binds it.
     stream = EventStream(run.endpoint("events"))

@@ -4,10 +4,12 @@ supervisor costs itself. Every figure comes from real processes in this one run.
 
     recovery_s_p50                SIGKILL of the worker (here, wall clock) -> first beat of
                                   the next epoch showing units beyond its resumed checkpoint,
-                                  default restart settings; each kill lands on a worker that
-                                  made durable progress, with stable_after=0 standing for a
-                                  long healthy stretch, so every kill is a "first" crash.
-                                  Beats every 0.05 s make progress visible to within 0.05 s.
+                                  with the default restart and heartbeat settings (the worker
+                                  beats at once when an epoch's first batch is done). Each
+                                  kill lands on a worker that made durable progress, with
+                                  stable_after=0 standing for a long healthy stretch, so every
+                                  kill is a "first" crash and waits restart_delay, not a
+                                  crash loop's backoff.
                                   recovery_breakdown_p50: detect (kill -> worker.exited),
                                   backoff (-> worker.spawned), startup (-> worker.welcomed),
                                   first_batch (-> that beat). recovery_s_p50_no_backoff: the
@@ -19,32 +21,32 @@ supervisor costs itself. Every figure comes from real processes in this one run.
                                   (watchdog.unresponsive). The log's own overdue_s (time past
                                   the deadline as the watchdog counts it) is printed beside.
     supervised_vs_bare            NKAT throughput under the supervisor (checkpoint_interval
-                                  30) over the same job run by ``python -m nkat.worker
-                                  --standalone``, both with a fixed batch of 32 units, median
-                                  of 6 interleaved rounds each, each round's throughput taken
-                                  as performance.fast_batch_throughput: the rate of its
-                                  fastest tenth of batches. This host runs a batch in one of
-                                  two speeds (about 13 and 19 ms), switching every few
-                                  seconds with or without a supervisor, which moves a whole
-                                  run's average by ±12 %; the fast batches it moves least.
-                                  supervised_vs_bare_whole_run: the best whole-run
-                                  average_throughput of each side, for comparison.
-                                  supervised_vs_bare_wall: the same for
-                                  the wall time of the whole command (bare / supervised);
-                                  _cpu: the job process's CPU seconds (bare / supervised
-                                  worker, from the reaped children's rusage), which a
-                                  neighbour's load on a shared machine hardly moves.
+                                  30, the default) over the same job run by ``python -m
+                                  nkat.worker --standalone``, in this one bench run: mean of
+                                  2 rounds each (9e9 dimensions, about 70 s a run, so every
+                                  supervised run takes checkpoints), run ABBA, both with a
+                                  fixed batch of 32 units. A run's throughput is
+                                  performance.epoch_throughput: dimensions over the wall time
+                                  of the worker's whole run loop, so checkpoints, merges and
+                                  the beat thread all count; process start-up does not.
+                                  _compute: the same with compute seconds only
+                                  (average_throughput); _fast_batches: the rate of each run's
+                                  fastest tenth of batches, which the host's two speeds (see
+                                  docs/benchmarks.md) move least; _wall: the whole command's
+                                  wall time, start-up included (bare / supervised); _cpu: the
+                                  job process's CPU seconds (bare / supervised worker, from
+                                  the reaped children's rusage). overhead_checkpoints_per_run:
+                                  the fewest checkpoints a supervised run took.
     checkpoint_stall_ms_p99       main-loop time per checkpoint (Runner._checkpoint: snapshot
                                   and hand-off to the I/O thread), in-process: a Runner on the
                                   NKAT job with a real worker Channel, checkpoint_interval 0.05
                                   s, acknowledged by a ROUTER thread at once. _no_io_thread:
                                   a link that acks in place, so the snapshot alone.
-    supervisor_cpu_ratio          supervisor CPU s / worker CPU s over a supervised run
+    supervisor_cpu_ratio          supervisor CPU s / worker CPU s over those supervised runs
                                   (psutil, sampled every 0.2 s, last sample before the worker
-                                  exits), supervisor start-up included; _steady: from the
-                                  first sample with a worker to the last.
-    supervisor_cpu_ratio_long_run the same over one run of about a minute of worker CPU,
-                                  where the fixed start-up cost weighs as in real use.
+                                  exits), the supervisor's start-up included; the larger of
+                                  the two. _steady: from the first sample with a worker to
+                                  the last.
     supervisor_rss_mb             the supervisor's peak RSS (VmHWM) over those runs; _steady:
                                   its largest RSS sampled while a worker ran.
 """
@@ -92,10 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not quick:
             figures.update(recovery(base, kills=5, restart_delay=0.0, suffix="_no_backoff"))
         figures.update(hangs(base, trials=1 if quick else 3))
-        figures.update(overhead(base, dims=3 * 10**8 if quick else 6 * 10**8,
-                                rounds=1 if quick else 6))
-        if not quick:
-            figures.update(long_run_cpu(base, dims=10**10))
+        figures.update(overhead(base, dims=6 * 10**8 if quick else 9 * 10**9,
+                                rounds=1 if quick else 2))
     figures.update(checkpoint_stall(dims=3 * 10**8 if quick else 10**9))
     return figures
 
@@ -156,8 +156,7 @@ class Watcher:
 def recovery(base: Path, kills: int, *, restart_delay: float | None = None,
              suffix: str = "") -> dict[str, Any]:
     sets: dict[str, Any] = {"max_dimension": ENDLESS, "checkpoint_interval": 0.2,
-                            "heartbeat_interval": 0.05, "stable_after": 0,
-                            "log_max_bytes": 1 << 30}
+                            "stable_after": 0, "log_max_bytes": 1 << 30}
     if restart_delay is not None:
         sets["restart_delay"] = restart_delay
     run = SupervisedRun(base, f"recovery{suffix or '-default'}", sets)
@@ -272,17 +271,6 @@ def _hang_trial(base: Path, kind: str, n: int) -> dict[str, float]:
 
 # Overhead, CPU and memory -----------------------------------------------------------------
 
-def long_run_cpu(base: Path, dims: int) -> dict[str, Any]:
-    """The supervisor's CPU over a run of about a minute of worker CPU. Its start-up
-    (imports, WAL open: some 0.4 s) is a fixed cost that dominates a 15 s run but not the
-    hours-long runs it exists for; the short runs' ratio is kept as ``_short``."""
-    once = _supervised_once(base, "cpu-long", {"max_dimension": dims, "unit_dims": UNIT_DIMS})
-    return {
-        "supervisor_cpu_ratio_long_run": round(once["cpu_ratio"], 4),
-        "supervisor_cpu_long_run_worker_cpu_s": round(once["worker_cpu"], 1),
-    }
-
-
 def overhead(base: Path, dims: int, rounds: int) -> dict[str, Any]:
     # A fixed batch: both sides compute the very same batches, so their times compare.
     params = {"max_dimension": dims, "unit_dims": UNIT_DIMS, "batch_size": 32,
@@ -290,43 +278,50 @@ def overhead(base: Path, dims: int, rounds: int) -> dict[str, Any]:
     bare: list[dict[str, float]] = []
     supervised: list[dict[str, float]] = []
     for n in range(rounds):
-        # Alternate the order so a drift in the machine's load hits both sides alike.
+        # ABBA: a drift in the machine's speed or load hits both sides alike.
         for which in (("bare", "supervised") if n % 2 == 0 else ("supervised", "bare")):
             if which == "bare":
                 cpu = children_cpu_seconds()
                 result, wall = standalone(params)
-                bare.append({"throughput": result["performance"]["average_throughput"],
-                             "fast": result["performance"]["fast_batch_throughput"],
-                             "wall": wall, "cpu": children_cpu_seconds() - cpu})
+                bare.append({**_throughputs(result), "wall": wall,
+                             "cpu": children_cpu_seconds() - cpu})
             else:
                 supervised.append(_supervised_once(base, f"overhead-{n}", params))
-    bare_tp = max(b["throughput"] for b in bare)
-    bare_wall = min(b["wall"] for b in bare)
-    sup_tp = max(s["throughput"] for s in supervised)
-    sup_wall = min(s["wall"] for s in supervised)
+
+    def ratio(key: str) -> float:
+        return round(statistics.fmean(s[key] for s in supervised)
+                     / statistics.fmean(b[key] for b in bare), 4)
+
     # CPU seconds of the job's process: what a neighbour's load hardly changes.
-    bare_cpu = min(b["cpu"] for b in bare)
-    sup_cpu = min(s["run_cpu"] - s["sup_cpu_end"] for s in supervised)
-    bare_fast = statistics.median(b["fast"] for b in bare)
-    sup_fast = statistics.median(s["fast"] for s in supervised)
+    bare_cpu = statistics.fmean(b["cpu"] for b in bare)
+    sup_cpu = statistics.fmean(s["run_cpu"] - s["sup_cpu_end"] for s in supervised)
     return {
-        "supervised_vs_bare": round(sup_fast / bare_fast, 4),
-        "supervised_vs_bare_whole_run": round(sup_tp / bare_tp, 4),
-        "overhead_rounds": rounds,
-        "supervised_vs_bare_wall": round(bare_wall / sup_wall, 4),
+        "supervised_vs_bare": ratio("epoch"),
+        "supervised_vs_bare_compute": ratio("compute"),
+        "supervised_vs_bare_fast_batches": ratio("fast"),
+        "supervised_vs_bare_wall": round(statistics.fmean(b["wall"] for b in bare)
+                                         / statistics.fmean(s["wall"] for s in supervised), 4),
         "supervised_vs_bare_cpu": round(bare_cpu / sup_cpu, 4),
-        "bare_dims_per_s": round(bare_tp),
-        "supervised_dims_per_s": round(sup_tp),
-        "bare_wall_s": round(bare_wall, 2),
-        "supervised_wall_s": round(sup_wall, 2),
+        "overhead_rounds": rounds,
         "overhead_dimensions": dims,
+        "overhead_checkpoints_per_run": min(int(s["checkpoints"]) for s in supervised),
+        "bare_dims_per_s": round(statistics.fmean(b["epoch"] for b in bare)),
+        "supervised_dims_per_s": round(statistics.fmean(s["epoch"] for s in supervised)),
+        "bare_wall_s": round(statistics.fmean(b["wall"] for b in bare), 2),
+        "supervised_wall_s": round(statistics.fmean(s["wall"] for s in supervised), 2),
         "supervisor_cpu_ratio": round(max(s["cpu_ratio"] for s in supervised), 4),
         "supervisor_cpu_ratio_steady": round(max(s["cpu_ratio_steady"] for s in supervised), 4),
         "supervisor_cpu_s": round(max(s["sup_cpu"] for s in supervised), 3),
-        "worker_cpu_s": round(max(s["worker_cpu"] for s in supervised), 3),
+        "worker_cpu_s": round(min(s["worker_cpu"] for s in supervised), 1),
         "supervisor_rss_mb": round(max(s["rss"] for s in supervised) / 2**20, 1),
         "supervisor_rss_mb_steady": round(max(s["rss_now"] for s in supervised) / 2**20, 1),
     }
+
+
+def _throughputs(result: dict[str, Any]) -> dict[str, float]:
+    perf = result["performance"]
+    return {"epoch": perf["epoch_throughput"], "compute": perf["average_throughput"],
+            "fast": perf["fast_batch_throughput"]}
 
 
 def _supervised_once(base: Path, run_id: str, params: dict[str, Any]) -> dict[str, float]:
@@ -366,8 +361,9 @@ def _supervised_once(base: Path, run_id: str, params: dict[str, Any]) -> dict[st
         raise RuntimeError(f"bench: supervised run {run_id} failed ({code}): "
                            f"{run.stderr_tail(500)}")
     steady_worker = last[1] - first[1]
-    return {"throughput": result["performance"]["average_throughput"],
-            "fast": result["performance"]["fast_batch_throughput"], "wall": wall,
+    checkpoints = sum('"checkpoint.durable"' in line
+                      for line in run.log_file.read_text().splitlines())
+    return {**_throughputs(result), "wall": wall, "checkpoints": checkpoints,
             "cpu_ratio": last[0] / last[1], "sup_cpu": last[0], "worker_cpu": last[1],
             "cpu_ratio_steady": (last[0] - first[0]) / steady_worker if steady_worker > 0
             else float("nan"),

@@ -111,6 +111,7 @@ class Runner:
                             exit_code=exitcodes.FATAL)
         self.counters = dict(resume.counters if resume else state.COUNTERS)
         self.units_done = resume.units_done if resume else 0
+        self.first_unit = self.units_done  # where this process started
         if self.units_done > self.total:
             raise RunFailed("bad_resume", f"resume at unit {self.units_done} of {self.total}",
                             fatal=True, exit_code=exitcodes.FATAL)
@@ -209,7 +210,7 @@ class Runner:
             spec_hash=self.spec_hash,
             extra={"units_total": self.total, "batches": self.counters["batches"],
                    "oom_retries": self.counters["oom_retries"], "batch_size": self.sizer.size,
-                   "epoch_wall_seconds": wall_seconds,
+                   "epoch_wall_seconds": wall_seconds, "epoch_first_unit": self.first_unit,
                    "unit_seconds_p10": self.unit_times.quantile(0.10),
                    "unit_seconds_p50": self.unit_times.quantile(0.50)})
         result = self._call(self.job.finalize, context)

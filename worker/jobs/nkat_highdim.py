@@ -52,7 +52,9 @@ performance               from the runtime, not deterministic: total_gpu_time (c
                           no GPU reports it), max_memory_usage (peak memory, GiB),
                           fast_batch_throughput (dimensions per second of the fastest
                           tenth of the last worker process's batches: what a host that
-                          switches between speeds moves least).
+                          switches between speeds moves least), epoch_throughput
+                          (dimensions the last worker process computed per second of its
+                          whole run loop: checkpoints, pauses and throttling included).
 theoretical_validation
     consistency_trend     slope: least-squares slope of c(N) over N (per dimension);
                           improving: slope > 0; stability: 1/(1 + σ_c).
@@ -267,6 +269,17 @@ class NkatHighDim(Job):
         a = self.min_n + unit * self.unit_dims
         return a, min(a + self.unit_dims - 1, self.max_n)
 
+    def _epoch_throughput(self, extra: Mapping[str, Any]) -> float | None:
+        """Dims/s of the last worker process over the wall time of its whole run loop:
+        batches, merges, checkpoints, pauses and throttling all count."""
+        first, wall = extra.get("epoch_first_unit"), extra.get("epoch_wall_seconds")
+        total = self.units_total()
+        if not isinstance(first, int) or not isinstance(wall, float) or wall <= 0 \
+                or not 0 <= first < total:
+            return None
+        dims = self.unit_range(total - 1)[1] - self.unit_range(first)[0] + 1
+        return _finite(dims / wall)
+
     def _pieces(self, first: int, count: int) -> list[tuple[int, int, int]]:
         """(unit, first N, length) of each row: units cut at CHUNK from their start and at
         the half, so no row is longer than a chunk or straddles the two halves."""
@@ -458,6 +471,7 @@ class NkatHighDim(Job):
                 "max_memory_usage": _finite(context.peak_memory_bytes / 2**30),
                 "fast_batch_throughput": _fast_throughput(
                     context.extra.get("unit_seconds_p10"), self.unit_dims),
+                "epoch_throughput": self._epoch_throughput(context.extra),
             },
             "theoretical_validation": {
                 "consistency_trend": {

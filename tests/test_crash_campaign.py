@@ -22,7 +22,7 @@ CAMPAIGN = Path(__file__).resolve().parent.parent / "tools" / "crash_campaign.py
 def test_random_kills_keep_the_result_and_every_acked_checkpoint(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(CAMPAIGN), "--kills", "9", "--seed", "3", "--target", "both",
-         "--max-dimension", "1e8", "--state-dir", str(tmp_path), "--json", "--quiet"],
+         "--max-dimension", "1e8", "--state-dir", str(tmp_path), "--quiet"],
         capture_output=True, text=True, timeout=170)
     assert proc.stdout, proc.stderr
     summary = json.loads(proc.stdout)

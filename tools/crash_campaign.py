@@ -3,11 +3,12 @@ at random moments, any number of times, and check that it still finishes with th
 byte-identical result of an uninterrupted run and never lost an acknowledged checkpoint.
 
     python tools/crash_campaign.py --kills 30 --seed 1 [--target worker|supervisor|both]
-        [--max-dimension M] [--unit-dims U] [--state-dir DIR] [--json]
+        [--max-dimension M] [--unit-dims U] [--state-dir DIR] [--keep] [--quiet]
 
-Exit code 0 when the result is identical, no acknowledged checkpoint was lost, no worker
-outlived its supervisor and nothing was left running; 1 otherwise (the state directory is
-then kept for inspection).
+The summary is one JSON object on stdout (kills, resumes, result_identical, acked_lost
+...); progress lines go to stderr. Exit code 0 when the result is identical, no
+acknowledged checkpoint was lost, no worker outlived its supervisor and nothing was left
+running; 1 otherwise (the state directory is then kept for inspection).
 
 How it works:
 
@@ -73,7 +74,8 @@ PRODUCTIVE_SHARE = 0.6
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    intro, _usage, output = __doc__.split("\n\n")[:3]
+    p = argparse.ArgumentParser(description=f"{intro}\n\n{output}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=30, help="kills to deliver (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
@@ -93,7 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, help="where the run lives (default: a temp "
                    "directory, removed afterwards unless the campaign fails or --keep)")
     p.add_argument("--keep", action="store_true", help="keep the state directory")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    # The summary was once text unless --json; old command lines still parse.
+    p.add_argument("--json", action="store_true",
+                   help="accepted and ignored: the summary is always one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     if args.kills < 0 or not 0 < args.interval[0] <= args.interval[1]:
@@ -358,12 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["state_dir"] = str(state_dir)
     else:
         shutil.rmtree(state_dir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
-    else:
-        for key, value in summary.items():
-            if key not in ("kill_log", "acked_lost_detail") or value:
-                print(f"{key:>22}: {value}")
+    print(json.dumps(summary, indent=2, sort_keys=True))
     return 0 if summary["ok"] else 1
 
 

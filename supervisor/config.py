@@ -40,12 +40,14 @@ class Key:
     choices: tuple[str, ...] | None = None
     seed: str | None = None  # the seed guide's name, when it has this key
     nullable: bool = False
+    only: bool | None = None  # a bool key that must have this value (always on)
+    why: str = ""  # what a refused value is told (with ``only``)
 
     def allowed(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is bool:
-            return "true or false"
+            return "true or false" if self.only is None else f"{str(self.only).lower()} only"
         lo = "-inf" if self.low is None else _fmt(self.low)
         hi = "inf" if self.high is None else _fmt(self.high)
         what = "an integer" if self.kind is int else "a number" if self.kind is float else "text"
@@ -84,6 +86,9 @@ KEYS: tuple[Key, ...] = (
        choices=("auto", "numpy", "cupy")),
     _k("checkpoint_interval", 30.0, float, "worker", "seconds between checkpoints",
        low=0.01, high=86400, seed="checkpoint_interval"),
+    _k("checkpoint_compression", False, bool, "worker",
+       "zlib-compress the job's snapshot in each checkpoint (for large, compressible states)",
+       seed="checkpoint_compression"),
     _k("batch_size", 0, int, "worker", "units per batch to start with (0: the job's default)",
        low=0, high=2**31, seed="batch_size"),
     _k("batch_size_adaptive", True, bool, "worker", "grow/shrink batches by throughput and memory",
@@ -127,6 +132,10 @@ KEYS: tuple[Key, ...] = (
     # Durability ----------------------------------------------------------------------
     _k("backup_checkpoints", 3, int, "supervisor", "checkpoints kept in the WAL",
        low=1, high=1000, seed="backup_checkpoints"),
+    _k("checkpoint_verification", True, bool, "supervisor",
+       "always on: CRC32C per record, SHA-256 per checkpoint, checked on write, resume, verify",
+       seed="checkpoint_verification", only=True,
+       why="a checkpoint is never trusted unchecked; verification cannot be turned off"),
     _k("segment_size", 64 * 1024 * 1024, int, "supervisor", "WAL segment size in bytes",
        low=64 * 1024, high=2**34),
     # GPU health ---------------------------------------------------------------------
@@ -237,6 +246,8 @@ def coerce(name: str, raw: Any) -> Any:
     if key.kind is bool:
         if not isinstance(value, bool):
             raise bad
+        if key.only is not None and value is not key.only:
+            raise ConfigError(f"{name}: must be {key.allowed()}, got {raw!r}: {key.why}")
         return value
     if key.kind is str:
         if not isinstance(value, str):

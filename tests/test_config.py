@@ -72,3 +72,16 @@ def test_bad_files_name_the_file_and_key(tmp_path):
     wrong.write_text("max_temperature = 'hot'\n")
     with pytest.raises(ConfigError, match="wrong.toml.*max_temperature"):
         load_config(wrong)
+
+
+def test_the_seeds_checkpoint_keys_load_from_a_seed_style_file(tmp_path):
+    # The seed guide's CHECKPOINT_CONFIG had both keys true.
+    seed = tmp_path / "seed.toml"
+    seed.write_text("checkpoint_interval = 300\nbackup_checkpoints = 5\n"
+                    "checkpoint_compression = true\ncheckpoint_verification = true\n")
+    cfg = load_config(seed)
+    assert cfg["checkpoint_compression"] is True and cfg["checkpoint_verification"] is True
+    assert load_config(None)["checkpoint_compression"] is False
+    with pytest.raises(ConfigError, match="checkpoint_verification: must be true only, got "
+                                          "'false': .*cannot be turned off"):
+        load_config(None, ["checkpoint_verification=false"])

@@ -4,13 +4,15 @@ settings, checkpoint state, environment, ``--set`` parsing, and the compute loop
 from __future__ import annotations
 
 import queue
+import zlib
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nkat.protocol.messages import Cmd, state_digest
+from nkat.protocol.messages import MAX_MESSAGE_BYTES, Cmd, state_digest
 from nkat.worker import state
 from nkat.worker.backend import Backend, BackendUnavailable, StickyDeviceError, select_backend
 from nkat.worker.batching import MAX_BATCH_SECONDS, BatchSizer
@@ -161,6 +163,30 @@ def test_state_round_trip_and_verification():
         state.unwrap(wrapped.replace(b"job-bytes", b"job-bytez"), 70)
     with pytest.raises(state.BadCheckpoint):
         state.unwrap(b"\xc1garbage", 70)
+
+
+def test_compressed_state_round_trip_and_what_is_refused():
+    snapshot = b"curve " * 5000
+    plain = state.wrap(snapshot, 70, state.COUNTERS)
+    packed = state.wrap(snapshot, 70, state.COUNTERS, compress=True)
+    assert len(packed) < len(plain) // 10
+    assert msgpack.unpackb(packed)["codec"] == "zlib"
+    assert state.unwrap(packed, 70)[0] == snapshot == state.unwrap(plain, 70)[0]
+
+    def with_body(**changes: Any) -> bytes:
+        body = msgpack.unpackb(packed)
+        body.update(changes)
+        return msgpack.packb(body, use_bin_type=True)
+    compressed = msgpack.unpackb(packed)["job"]
+    with pytest.raises(state.BadCheckpoint, match="unknown codec 'lz4'"):
+        state.unwrap(with_body(codec="lz4"), 70)
+    with pytest.raises(state.BadCheckpoint, match="cut short"):
+        state.unwrap(with_body(job=compressed[:-8]), 70)
+    with pytest.raises(state.BadCheckpoint, match="does not decompress"):
+        state.unwrap(with_body(job=b"not zlib at all"), 70)
+    bomb = zlib.compress(bytes(MAX_MESSAGE_BYTES + 1), 9)  # a few KB that inflate past it
+    with pytest.raises(state.BadCheckpoint, match="beyond"):
+        state.unwrap(with_body(job=bomb), 70)
 
 
 # The compute loop in process -------------------------------------------------------------

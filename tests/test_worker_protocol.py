@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 
+import msgpack
 import pytest
 
 from nkat.protocol import exitcodes
@@ -19,6 +20,7 @@ from nkat.protocol.messages import (
     Done,
     Extend,
     Log,
+    Resume,
     state_digest,
 )
 from nkat.worker import state
@@ -93,6 +95,26 @@ def test_checkpoints_keep_one_in_flight_and_resend_until_acked(sup):
     sup.ack(1)
     second = sup.expect(Ckpt, timeout=3)
     assert second.ckpt_seq == 2 and second.units_done > first.units_done
+
+
+def test_compressed_checkpoints_resume_to_the_same_result(sup):
+    params = {"units": 300, "unit_seconds": 0.002}
+    sup.start(params, settings={"checkpoint_interval": 0.05, "checkpoint_compression": True},
+              failpoints="crash@unit=150:epoch=1")
+    assert sup.wait_exit() == 1
+    last = sup.acked[-1]
+    assert msgpack.unpackb(last.state)["codec"] == "zlib" and last.units_done > 0
+    resumed = FakeSupervisor(epoch=2)
+    try:
+        # Compression off now: the resumed worker still reads the compressed state.
+        resumed.start(params, resume=Resume(last.ckpt_seq, last.units_done, last.state))
+        done = resumed.expect(Done)
+        resumed.ack(DONE_ACK_SEQ)
+        assert resumed.wait_exit() == exitcodes.DONE
+        assert {k: done.result[k] for k in ("units", "total", "chain", "merged")} == \
+            toy_expected(300)
+    finally:
+        resumed.close()
 
 
 def test_checkpoint_resent_at_once_after_the_socket_is_rebound(sup):

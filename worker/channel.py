@@ -93,6 +93,7 @@ class Channel:
         self._next_beat = 0.0
         self._ack_resend = 5.0
         self._silence = 60.0
+        self._compress = False  # checkpoint_compression, set with the beats
         self._pending: dict[int, _Pending] = {}
         self._connects = 0
         self._linger_ms = 0
@@ -105,7 +106,7 @@ class Channel:
 
     def start_beats(self, settings: Settings) -> None:
         self._post(("beats", settings.heartbeat_interval, settings.ack_resend,
-                    settings.supervisor_timeout))
+                    settings.supervisor_timeout, settings.checkpoint_compression))
 
     def log(self, level: str, event: str, fields: Mapping[str, Any]) -> None:
         self._post(("send", Log(epoch=self._epoch, level=level, event=event,
@@ -216,13 +217,14 @@ class Channel:
             if op == "send":
                 self._send(sock, encode(item[1]))
             elif op == "beats":
-                self._beat_interval, self._ack_resend, self._silence = item[1:]
+                self._beat_interval, self._ack_resend, self._silence, self._compress = \
+                    item[1:]
                 self._next_beat = time.monotonic()
             elif op == "beat_now":
                 self._next_beat = time.monotonic()
             elif op == "ckpt":
                 _, seq, units_done, job_state, runtime = item
-                wrapped = state.wrap(job_state, units_done, runtime)
+                wrapped = state.wrap(job_state, units_done, runtime, compress=self._compress)
                 msg = Ckpt(epoch=self._epoch, ckpt_seq=seq, units_done=units_done,
                            state=wrapped, digest=state_digest(wrapped))
                 self._track(sock, seq, f"checkpoint {seq}", encode(msg))

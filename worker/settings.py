@@ -22,6 +22,8 @@ class Settings:
     #: Units per batch to start with; 0 = the job's ``default_batch_units``.
     batch_size: int = 0
     batch_size_adaptive: bool = True
+    #: zlib-compress the job snapshot inside each checkpoint state.
+    checkpoint_compression: bool = False
     #: MB; 0 = no limit. Only the CuPy pool can be limited.
     memory_limit: float = 0.0
     memory_reserve: float = 0.0
@@ -51,11 +53,12 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SettingsError(f"setting batch_size: expected an integer >= 0, got {value!r}")
         values["batch_size"] = value
-    if "batch_size_adaptive" in raw:
-        value = raw["batch_size_adaptive"]
-        if not isinstance(value, bool):
-            raise SettingsError(f"setting batch_size_adaptive: expected a bool, got {value!r}")
-        values["batch_size_adaptive"] = value
+    for key in ("batch_size_adaptive", "checkpoint_compression"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, bool):
+                raise SettingsError(f"setting {key}: expected a bool, got {value!r}")
+            values[key] = value
     if "provenance" in raw:
         values["provenance"] = _parse_provenance(raw["provenance"])
     return Settings(**values)

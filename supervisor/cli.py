@@ -2,7 +2,8 @@
 
 Each subcommand is one function ``cmd_<name>(args) -> exit code``. Exit codes: 0 done,
 1 a check failed (verify) or nothing to show, 2 usage or config error, 3 gave up,
-4 stopped by the operator (resumable).
+4 stopped by the operator (resumable). A reader of stdout that goes away (``| head``) is
+not an error: the command stops quietly, with its own exit code if it had finished, else 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from nkat.supervisor import control, logview, report, service
 from nkat.supervisor.config import KEYS, ConfigError, load_config
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
+from nkat.supervisor.stdout import silence_stdout
 
 EXIT_USAGE = 2
 
@@ -32,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    code = 0  # a command its reader cut short ends as if it had finished (as `logs` does)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:  # before OSError, which it is: the reader went away (| head)
+        silence_stdout()
+        return code
     except (UsageError, ConfigError, RunDirError) as exc:
         print(f"nkat-supervise: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

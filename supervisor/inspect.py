@@ -21,6 +21,7 @@ from typing import Any
 from nkat.protocol.wal import Record, RecordType, WalError
 from nkat.protocol.wal.readonly import read_records, verify_settled
 from nkat.supervisor import control
+from nkat.supervisor.logview import read_log
 from nkat.supervisor.rundir import RunDir
 
 
@@ -80,6 +81,14 @@ def _readable_records(run: RunDir) -> list[Record]:
     return records
 
 
+#: The keys of ``status --json`` (README, "JSON outputs"). Read from disk, every one is
+#: there too: null where the disk does not tell (no status.json was ever written).
+STATUS_KEYS = ("run_id", "state", "source", "epoch", "restarts", "progress", "units_done",
+               "units_total", "units_per_s", "dims_per_s", "durable_ckpt_seq", "durable_units",
+               "last_checkpoint_wall", "worker_pid", "supervisor_pid", "gpu", "protocol_errors",
+               "foreign_dropped", "outcome")
+
+
 def run_status(run: RunDir) -> dict[str, Any]:
     """Live status from the control socket when a supervisor is up, else from disk."""
     if run.holder_pid():
@@ -89,8 +98,14 @@ def run_status(run: RunDir) -> dict[str, Any]:
                 return {**reply["status"], "source": "supervisor"}
         except control.ControlUnavailable:
             pass
-    status = run.read_status() or {"run_id": run.run_id}
-    status = {k: v for k, v in status.items() if k not in ("supervisor_pid", "worker_pid")}
+    return _disk_status(run)
+
+
+def _disk_status(run: RunDir) -> dict[str, Any]:
+    """The last status.json, corrected by what is durable: the state, the checkpoints."""
+    stored = run.read_status() or {}
+    status: dict[str, Any] = dict.fromkeys(STATUS_KEYS)
+    status.update((k, v) for k, v in stored.items() if k not in ("supervisor_pid", "worker_pid"))
     state = run_state_from_disk(run)
     checkpoints = _checkpoints(run)
     latest = checkpoints[-1] if checkpoints else None
@@ -98,20 +113,50 @@ def run_status(run: RunDir) -> dict[str, Any]:
         "run_id": run.run_id,
         "state": state,
         "source": "disk",
-        "supervisor_pid": None,
-        "worker_pid": None,
         "durable_ckpt_seq": latest["ckpt_seq"] if latest else 0,
         "durable_units": latest["units_done"] if latest else 0,
     })
+    if latest:
+        status["last_checkpoint_wall"] = latest["t_wall"]
+    if "epoch" not in stored:  # status.json lost or never written: the WAL knows
+        status["epoch"] = summarize(_readable_records(run)).epoch
+    if state == "completed":
+        _show_completed(run, status)
+        return status
     total = status.get("units_total")
     if isinstance(total, int) and total and latest:
         status["units_done"] = latest["units_done"]
         status["progress"] = latest["units_done"] / total
-    if state == "completed":
-        status["progress"] = 1.0
-        if isinstance(total, int):
-            status["units_done"] = total
     return status
+
+
+def _show_completed(run: RunDir, status: dict[str, Any]) -> None:
+    """A completed run did all its units. status.json may not say how many: a run done
+    before a beat carried the count (a first beat comes before the job is set up and says
+    0) leaves 0 or nothing there, and no checkpoint either. The worker's
+    ``worker.started`` event in the run's log names the count it ran."""
+    total = status.get("units_total")
+    if not _is_count(total) or not total:
+        total = _logged_units_total(run)
+    status.update({"units_total": total, "units_done": total, "progress": 1.0,
+                   "outcome": "completed"})
+
+
+def _logged_units_total(run: RunDir) -> int | None:
+    """The unit count of the newest ``worker.started`` event (None without one)."""
+    total: int | None = None
+    try:
+        for _line, record in read_log(run.log_file):
+            value = record.get("units_total")
+            if record.get("event") == "worker.started" and _is_count(value):
+                total = value
+    except OSError:
+        pass  # an unreadable log: the count stays unknown, never a guess
+    return total
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _checkpoints(run: RunDir) -> list[dict[str, Any]]:

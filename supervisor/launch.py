@@ -27,6 +27,7 @@ from nkat.supervisor.inspect import run_state_from_disk, summarize
 from nkat.supervisor.jsonlog import open_run_log
 from nkat.supervisor.progress import ProgressDisplay
 from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id
+from nkat.supervisor.stdout import say as print_line
 from nkat.supervisor.supervise import EXIT_COMPLETED, EXIT_GAVE_UP, Supervisor
 
 if TYPE_CHECKING:
@@ -121,7 +122,8 @@ def _supervise_locked(run: RunDir, config: Config, *, how: str, quiet: bool,
                       sim_gpu: str | None, salvage: bool) -> int:
     log, sink = open_run_log(run.log_file, run_id=run.run_id,
                              max_bytes=config["log_max_bytes"], backups=config["log_backups"])
-    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    # A reader that went away silences start's lines; it must not end the run.
+    say = (lambda text: None) if quiet else print_line
     try:
         run_payload = {"run_id": run.run_id, "spec": run.info.spec,
                        "spec_hash": run.info.spec_hash, "created": run.info.created}

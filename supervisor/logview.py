@@ -15,7 +15,6 @@ jq never breaks. ``-n`` counts lines after the filters; ``-f`` alone starts with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
+from nkat.supervisor.stdout import silence_stdout
 
 # jsonlog.LEVELS, in its order (a test holds them equal). Not imported from there: that
 # would load structlog into every command line, since the CLI builds all its parsers.
@@ -367,10 +367,7 @@ def run(args: argparse.Namespace) -> int:
         if args.follow:
             _follow(reader, keep, printer)
     except BrokenPipeError:
-        # The reader went away (| head): stop quietly, and keep Python's exit-time flush
-        # of stdout from failing on the closed pipe.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()  # the reader went away (| head): stop quietly
     finally:
         reader.close()
     return 0

@@ -521,7 +521,8 @@ class Supervisor:
             if _SEVERITY.get(reason, 0) > current:
                 self.kill_reason = reason  # the exit is classified by the gravest reason
             if self.kill.escalate(reason):
-                self.log.warning("worker.kill_escalated", epoch=self.epoch, reason=reason.value)
+                self.log.warning("worker.kill_escalated", epoch=self.epoch, reason=reason.value,
+                                 detail=detail)
             return
         self.kill_reason = reason
         self.kill = KillSequence(KillSettings.from_config(self.config), reason)
@@ -535,9 +536,8 @@ class Supervisor:
         worker, seq = self.worker, self.kill
         if seq is None or worker is None:
             return
-        alive = worker.group_alive() or bool(self.health and not
-                                             self.health.pid_released(worker.pid))
-        action = seq.next_action(now, alive)
+        left = self._left_behind(worker)
+        action = seq.next_action(now, alive=left is not None)
         if action is Action.SEND_STOP:
             self._send(m.Cmd(epoch=worker.epoch, op="stop",
                              args={"deadline_s": self.config["stop_deadline"]}))
@@ -553,13 +553,18 @@ class Supervisor:
             self.log.warning("worker.sigkill", epoch=self.epoch, pid=worker.pid)
             worker.signal_group(signal.SIGKILL)
         elif action is Action.KILL_FAILED:
+            confirm = KillSettings.from_config(self.config).kill_confirm
+            reason = (f"worker pid {worker.pid} (epoch {worker.epoch}) is not gone {confirm:g} s "
+                      f"after SIGKILL: {left}; nothing is started over it")
+            self.outcome_reason = f"{reason}. Reset the GPU or reboot, then run start again"
             self.log.critical("worker.kill_failed", epoch=self.epoch, pid=worker.pid,
+                              reason=reason,
                               advice="a process survived SIGKILL or still holds the GPU "
                                      "(stuck in the driver?); reboot or reset the GPU, then "
                                      "run start again")
             self._durable(self.wal.append, RecordType.EVENT, {
                 "kind": "kill_failed", "epoch": self.epoch, "pid": worker.pid,
-                "t_wall": time.time()})
+                "reason": reason, "t_wall": time.time()})
             self._set_state(WorkerState.KILL_FAILED)
             self._finish("kill_failed", EXIT_GAVE_UP)
             return
@@ -572,16 +577,35 @@ class Supervisor:
         if self.state is not target and self.state.has_process:
             self._set_state(target)
 
+    def _left_behind(self, worker: WorkerProcess) -> str | None:
+        """What of the worker is not gone yet, in words; None once nothing is: the
+        process, its group, or (with NVML) a GPU context still listed under its pid."""
+        if worker.group_alive():
+            if worker.returncode is None:
+                return "the process is still alive"
+            return f"its process group {worker.pgid} lives on"
+        if self.health is not None and not self.health.pid_released(worker.pid):
+            return f"the GPU still lists pid {worker.pid} as holding a context"
+        return None
+
     def _check_worker_exit(self, now: float) -> None:
         worker = self.worker
         if worker is None or worker.poll() is None:
             return
-        lingering = worker.group_alive() or bool(
-            self.health and not self.health.pid_released(worker.pid))
-        if lingering:
+        lingering = self._left_behind(worker)
+        if lingering is not None and self.done_recorded and not worker.group_alive() \
+                and self.kill is None:
+            # Only the driver's context is left, and the result is durable: nothing will
+            # run over it, so the run is complete; the operator is told about the GPU.
+            self.log.warning("worker.context_lingers", epoch=worker.epoch, pid=worker.pid,
+                             detail=lingering,
+                             advice="the result is durable; check nvidia-smi before the "
+                                    "GPU's next job, and reset it if the pid stays")
+            lingering = None
+        if lingering is not None:
             # The leader is gone but its group or GPU context is not: end them first,
             # never relaunch over them.
-            self._begin_kill(now, KillReason.LINGERING)
+            self._begin_kill(now, KillReason.LINGERING, detail=lingering)
             return
         if self.kill is not None:
             self._advance_kill(now)  # lets the sequence see the worker gone

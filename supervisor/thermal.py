@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
+from collections.abc import Iterable
 from typing import Protocol
 
 from nkat.supervisor.policy_settings import FromConfig
@@ -184,8 +185,25 @@ class _Level(enum.IntEnum):
     EMERGENCY = 3
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sample:
+    """One graded reading: its level, what its temperature alone reaches, the strongest
+    other signal (a clock event bit or no margin) and the level that signal reaches."""
+
+    temperature: float | None
+    level: _Level
+    by_temperature: _Level
+    signal: str  # "" when no bit or margin says anything
+    duty: float  # the duty this reading alone would ask for
+
+
 class ThermalLadder:
-    """The thermal state of one GPU across worker epochs."""
+    """The thermal state of one GPU across worker epochs.
+
+    Every action's ``reason`` states the rule that fired and the readings that made it
+    fire, e.g. "3 readings at or above the throttle threshold 80 °C (81.3, 82.7, 83.2 °C):
+    duty 0.25, the floor, for 83.2 °C at or above the max temperature 83 °C".
+    """
 
     def __init__(self, settings: ThermalSettings, nvml: GpuThresholds | None = None) -> None:
         self._s = settings
@@ -196,7 +214,11 @@ class ThermalLadder:
         self._hot_stop = 0  # consecutive readings at stop level or above
         self._cool = 0  # consecutive cool readings
         self._cool_since: float | None = None
-        self._raw_duties: deque[float] = deque(maxlen=settings.thermal_samples)
+        self._dwell_count, self._dwell_hottest = 0, 0.0  # cool readings since _cool_since
+        # The last thermal_samples graded readings. Invariant: whenever a counter above
+        # reaches thermal_samples, these are exactly the readings it counted (missing
+        # readings are not graded, and _enter clears both).
+        self._window: deque[_Sample] = deque(maxlen=settings.thermal_samples)
 
     @property
     def may_run(self) -> bool:
@@ -212,70 +234,97 @@ class ThermalLadder:
         reasons: int | None = None,
     ) -> ThermalAction | None:
         """Feed one reading; ``margin`` and ``reasons`` are None where unsupported."""
-        graded = self._grade(temperature, margin, reasons)
-        if graded is None:
+        sample = self._grade(temperature, margin, reasons)
+        if sample is None:
             return None
-        level, why = graded
+        level, lim = sample.level, self.limits
         cool = (level is _Level.NORMAL and temperature is not None
-                and temperature <= self.limits.target)
+                and temperature <= lim.target)
         if level is _Level.EMERGENCY:
             if self.state is ThermalState.EMERGENCY:
                 return None
             self._enter(ThermalState.EMERGENCY)
-            return ThermalAction(ThermalActionKind.KILL_NOW, why)
+            return ThermalAction(
+                ThermalActionKind.KILL_NOW,
+                f"{temperature:g} °C at or above the emergency temperature "
+                f"{lim.emergency:g} °C: one reading is enough")
         if self.state in (ThermalState.COOLING, ThermalState.EMERGENCY):
             return self._while_stopped(now, cool, temperature)
         self._hot_throttle = self._hot_throttle + 1 if level >= _Level.THROTTLE else 0
         self._hot_stop = self._hot_stop + 1 if level >= _Level.STOP else 0
         self._cool = self._cool + 1 if cool else 0
-        self._raw_duties.append(self._raw_duty(level, temperature))
+        self._window.append(sample)
         n = self._s.thermal_samples
         if self._hot_stop >= n:
+            reason = self._counted(_Level.STOP)
             self._enter(ThermalState.COOLING)
-            return ThermalAction(ThermalActionKind.STOP, f"{why} for {n} readings")
+            return ThermalAction(ThermalActionKind.STOP, reason)
         if self.state is ThermalState.NORMAL:
             if self._hot_throttle < n:
                 return None
             self.state = ThermalState.THROTTLED
             self.duty = self._wanted_duty()
-            return ThermalAction(ThermalActionKind.THROTTLE, f"{why} for {n} readings",
-                                 self.duty)
+            return ThermalAction(
+                ThermalActionKind.THROTTLE,
+                f"{self._counted(_Level.THROTTLE)}: duty {self.duty:g}, {self._duty_basis()}",
+                self.duty)
         if self._cool >= n:
+            temps = _temperatures(self._window)
             self._enter(ThermalState.NORMAL)
             return ThermalAction(
                 ThermalActionKind.UNTHROTTLE,
-                f"at or below {self.limits.target:g} °C for {n} readings", 1.0)
+                f"{n} readings at or below the target {lim.target:g} °C{temps}: duty 1",
+                1.0)
         wanted = self._wanted_duty()
         # The epsilon keeps a change of exactly one step (in float) a change.
         if abs(wanted - self.duty) < self._s.duty_step - 1e-9:
             return None
+        trend = "hotter" if wanted < self.duty else "cooler"
+        reason = f"{trend}: duty {self.duty:g} → {wanted:g}, {self._duty_basis()}"
         self.duty = wanted
-        return ThermalAction(ThermalActionKind.THROTTLE, why or "cooler: easing the throttle",
-                             wanted)
+        return ThermalAction(ThermalActionKind.THROTTLE, reason, wanted)
 
     def _grade(
         self, temperature: float | None, margin: float | None, reasons: int | None
-    ) -> tuple[_Level, str] | None:
-        lim, r = self.limits, reasons or 0
-        t = temperature
-        if t is not None and t >= lim.emergency:
-            return _Level.EMERGENCY, f"{t:g} °C at or above emergency {lim.emergency:g} °C"
-        if t is not None and t >= lim.maximum:
-            return _Level.STOP, f"{t:g} °C at or above max {lim.maximum:g} °C"
+    ) -> _Sample | None:
+        lim, r, t = self.limits, reasons or 0, temperature
+        by_temperature = _Level.NORMAL
+        if t is not None:
+            for threshold, at_level in ((lim.emergency, _Level.EMERGENCY),
+                                        (lim.maximum, _Level.STOP),
+                                        (lim.throttle, _Level.THROTTLE)):
+                if t >= threshold:
+                    by_temperature = at_level
+                    break
+        signal, by_signal = "", _Level.NORMAL
         if r & HW_THERMAL_SLOWDOWN:
-            return _Level.STOP, "hardware thermal slowdown"
+            signal, by_signal = "hardware thermal slowdown", _Level.STOP
         # HW_SLOWDOWN alone may be heat; with only the power brake behind it, it is power.
-        if r & HW_SLOWDOWN and not r & HW_POWER_BRAKE_SLOWDOWN:
-            return _Level.STOP, "hardware slowdown"
-        if margin is not None and margin <= 0:
-            return _Level.STOP, "no thermal margin left"
-        if t is not None and t >= lim.throttle:
-            return _Level.THROTTLE, f"{t:g} °C at or above throttle {lim.throttle:g} °C"
-        if r & SW_THERMAL_SLOWDOWN:
-            return _Level.THROTTLE, "software thermal slowdown"
-        if t is None:
+        elif r & HW_SLOWDOWN and not r & HW_POWER_BRAKE_SLOWDOWN:
+            signal, by_signal = "hardware slowdown", _Level.STOP
+        elif margin is not None and margin <= 0:
+            signal, by_signal = "no thermal margin left", _Level.STOP
+        elif r & SW_THERMAL_SLOWDOWN:
+            signal, by_signal = "software thermal slowdown", _Level.THROTTLE
+        if t is None and not signal:
             return None
-        return _Level.NORMAL, ""
+        level = max(by_temperature, by_signal)
+        return _Sample(t, level, by_temperature, signal, self._raw_duty(level, t))
+
+    def _counted(self, level: _Level) -> str:
+        """The rule that ``thermal_samples`` readings at ``level`` or above fulfilled,
+        with those readings (the window holds exactly them, see its invariant)."""
+        lim, samples = self.limits, list(self._window)
+        n = len(samples)
+        name = (f"the max temperature {lim.maximum:g} °C" if level >= _Level.STOP
+                else f"the throttle threshold {lim.throttle:g} °C")
+        if all(s.by_temperature >= level for s in samples):
+            return f"{n} readings at or above {name}{_temperatures(samples)}"
+        signals = {s.signal for s in samples}
+        if len(signals) == 1 and all(s.by_temperature < level for s in samples):
+            return f"{signals.pop()} in {n} readings{_temperatures(samples)}"
+        each = ", ".join(_describe(s, level) for s in samples)
+        return f"{n} readings at or above {name}, or with a thermal signal ({each})"
 
     def _raw_duty(self, level: _Level, temperature: float | None) -> float:
         s, lim = self._s, self.limits
@@ -291,7 +340,22 @@ class ThermalLadder:
         return min(max(linear, s.duty_floor), cap)
 
     def _wanted_duty(self) -> float:
-        return round(min(self._raw_duties), 2)
+        return round(min(s.duty for s in self._window), 2)
+
+    def _duty_basis(self) -> str:
+        """Why the duty is what :meth:`_wanted_duty` says: the reading that sets it."""
+        lim, k = self.limits, len(self._window)
+        # The most recent of the readings asking for the lowest duty.
+        hottest = min(reversed(self._window), key=lambda s: s.duty)
+        if hottest.by_temperature >= _Level.STOP:
+            return (f"the floor, for {hottest.temperature:g} °C at or above the max temperature "
+                    f"{lim.maximum:g} °C")
+        if hottest.level >= _Level.STOP:
+            return f"the floor, for {_describe(hottest, _Level.STOP)}"
+        if hottest.temperature is None or hottest.temperature < lim.throttle:
+            return f"the mildest: none of the last {k} readings reached {lim.throttle:g} °C"
+        return (f"for {hottest.temperature:g} °C, the hottest of the last {k} readings, "
+                f"in the band {lim.throttle:g}–{lim.maximum:g} °C")
 
     def _while_stopped(
         self, now: float, cool: bool, temperature: float | None
@@ -300,19 +364,40 @@ class ThermalLadder:
             # A known warmer reading breaks the dwell; bits without a temperature too.
             self._cool_since = None
             return None
+        assert temperature is not None  # a cool reading has one
         if self._cool_since is None:
-            self._cool_since = now
+            self._cool_since, self._dwell_count, self._dwell_hottest = now, 0, temperature
+        self._dwell_count += 1
+        self._dwell_hottest = max(self._dwell_hottest, temperature)
         if now - self._cool_since < self._s.thermal_dwell:
             return None
-        dwelt = now - self._cool_since
+        dwelt, count, hottest = now - self._cool_since, self._dwell_count, self._dwell_hottest
         self._enter(ThermalState.NORMAL)
         return ThermalAction(
             ThermalActionKind.RESUME,
-            f"{temperature:g} °C, at or below {self.limits.target:g} °C for {dwelt:g} s")
+            f"{count} readings over {round(dwelt, 1):g} s, none above the target "
+            f"{self.limits.target:g} °C (hottest {hottest:g} °C, last {temperature:g} °C): "
+            f"the dwell of {self._s.thermal_dwell:g} s is over")
 
     def _enter(self, state: ThermalState) -> None:
         self.state = state
         self.duty = 1.0
         self._hot_throttle = self._hot_stop = self._cool = 0
         self._cool_since = None
-        self._raw_duties.clear()
+        self._window.clear()
+
+
+def _temperatures(samples: Iterable[_Sample]) -> str:
+    """" (81.3, 82.7, 83.2 °C)", "?" for a reading without one; "" if none has one."""
+    temps = [s.temperature for s in samples]
+    if all(t is None for t in temps):
+        return ""
+    return " (" + ", ".join("?" if t is None else f"{t:g}" for t in temps) + " °C)"
+
+
+def _describe(sample: _Sample, level: _Level) -> str:
+    """What put one reading at ``level``: its temperature, else its signal."""
+    t = sample.temperature
+    if sample.by_temperature >= level:
+        return f"{t:g} °C"
+    return sample.signal if t is None else f"{sample.signal} at {t:g} °C"

@@ -103,6 +103,9 @@ def test_crash_loop_gives_up_with_exit_3_and_stays_resumable(tmp_path, expected)
     again = SupervisedRun(tmp_path, "loop", JOB + QUICK)
     again.start()
     _finish(again, expected)
+    # Not an unclean shutdown: the last supervisor ended the run itself, and said so.
+    assert [e["after"] for e in again.events("run.resumed")] == ["gave_up"]
+    assert again.events("run.recovered_unclean") == []
 
 
 def test_fatal_job_error_is_not_restarted(tmp_path):

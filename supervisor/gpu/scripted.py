@@ -17,6 +17,9 @@ Profile format (supervisor/profiles/README.md has the same with examples)::
     memory_reserved_mib = 400     # optional
     pids = [4242]                 # optional; absent: processes are not reported
 
+    [device.worker_contexts]      # optional: the supervisor's workers hold a context
+    linger = 2.0                  # seconds a dead one stays listed; inf: for good
+
     [device.thresholds]           # optional, each key optional (None when absent)
     shutdown = 96                 # °C, as are slowdown, gpu_max, mem_max
     slowdown = 93
@@ -49,18 +52,29 @@ Profile format (supervisor/profiles/README.md has the same with examples)::
 Before the first keyframe the first value holds, after the last the last value holds.
 GpuIsLost and ResetRequired make the GPU lost for good, NotSupported makes its fields
 unsupported for good (as NVML would); any other error is transient, from `at` to `until`.
+
+With `[device.worker_contexts]` the process list also names every running child of the
+process reading the sensor (the supervisor's workers), from the first listing that sees
+it, as NVML names the processes holding a context. A child that has exited (a zombie
+counts as exited) stays listed for `linger` more seconds after a listing first finds it
+gone (default 0; `inf`: for good), as when a driver is slow to tear down, or never tears
+down, a dead process's context.
 """
 
 from __future__ import annotations
 
 import bisect
 import importlib.resources
+import math
+import os
 import time
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from nkat.supervisor.gpu.sensor import (
     FIELDS,
@@ -100,7 +114,7 @@ _TRACES: dict[str, tuple[str, float, float, bool]] = {
     "ecc_uncorrected_volatile": ("ecc_uncorrected_volatile", 0.0, float(2**63), True),
 }
 _DEVICE_KEYS = {
-    "name", "uuid", "memory_total_mib", "memory_reserved_mib", "pids",
+    "name", "uuid", "memory_total_mib", "memory_reserved_mib", "pids", "worker_contexts",
     "thresholds", "trace", "xid", "error",
 }  # fmt: skip
 _THRESHOLD_KEYS = ("shutdown", "slowdown", "gpu_max", "mem_max", "enforced_power_limit_w")
@@ -160,6 +174,7 @@ class ScriptedDevice:
     pids: tuple[int, ...] | None
     xids: tuple[ScriptedXid, ...]  # in time order
     errors: tuple[ScriptedError, ...]
+    worker_linger: float | None = None  # None: workers are not listed
 
     @property
     def reported(self) -> frozenset[str]:
@@ -172,6 +187,8 @@ class ScriptedDevice:
         ):
             if value is not None:
                 fields.add(name)
+        if self.worker_linger is not None:
+            fields.add("pids")
         return frozenset(fields)
 
 
@@ -314,7 +331,21 @@ class _Parser:
             pids=pids,
             xids=tuple(sorted(xids, key=lambda x: x.at)),
             errors=tuple(errors),
+            worker_linger=(
+                self.worker_contexts(d["worker_contexts"], where + "worker_contexts")
+                if "worker_contexts" in d
+                else None
+            ),
         )
+
+    def worker_contexts(self, raw: Any, where: str) -> float:
+        """The linger of `[device.worker_contexts]`: seconds, or inf for good."""
+        t = self.table(raw, where)
+        self.only(t, where + ".", {"linger"})
+        linger = t.get("linger", 0.0)
+        if isinstance(linger, float) and linger == math.inf:
+            return linger
+        return self.number(linger, where + ".linger", 0.0, 1e9)
 
     def thresholds(self, raw: Any, where: str) -> Thresholds:
         t = self.table(raw, where)
@@ -448,6 +479,7 @@ class ScriptedSensor:
         self._opened = False
         self._polls = [0] * len(profile.devices)
         self._xids_sent = [0] * len(profile.devices)
+        self._holders: list[dict[int, float | None]] = [{} for _ in profile.devices]
         self._notes: list[str] = []
 
     @classmethod
@@ -459,6 +491,7 @@ class ScriptedSensor:
         self._t0 = self._clock()
         self._opened = True
         self._polls = [0] * len(self.profile.devices)
+        self._holders = [{} for _ in self.profile.devices]
         # Xids before start_at happened before anyone watched: NVML would not report them.
         self._xids_sent = [sum(x.at < self._start_at for x in d.xids) for d in self.profile.devices]
         self._notes = [f"simulated GPU: profile {self.profile.source}, time scale {self._scale:g}"]
@@ -511,6 +544,9 @@ class ScriptedSensor:
         asked = dev.reported - unsupported
         if list_pids:
             values["pids"] = dev.pids
+            if dev.worker_linger is not None:
+                workers = self._worker_contexts(index, dev.worker_linger, t)
+                values["pids"] = (*(dev.pids or ()), *workers)
         else:
             asked -= {"pids"}
         errors: dict[str, str] = {}
@@ -522,6 +558,26 @@ class ScriptedSensor:
         return Reading(
             t_mono=now, index=index, **values, unsupported=frozenset(unsupported), errors=errors
         )
+
+    def _worker_contexts(self, index: int, linger: float, t: float) -> tuple[int, ...]:
+        """This process's children that run, or stopped running less than `linger`
+        profile seconds (from the listing that first found them gone) before `t`."""
+        holders = self._holders[index]
+        running = set()
+        for child in psutil.Process(os.getpid()).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    running.add(child.pid)
+            except psutil.Error:
+                continue  # gone since it was listed
+        for pid in running:
+            holders[pid] = None
+        for pid, gone in list(holders.items()):
+            if pid not in running and gone is None:
+                holders[pid] = gone = t
+            if gone is not None and t - gone >= linger:
+                del holders[pid]
+        return tuple(sorted(holders))
 
     def events(self) -> list[XidEvent]:
         """Xid events whose time has come since the last call."""

@@ -36,6 +36,9 @@ throttle_duty_error: |dims/s throttled / dims/s unthrottled - requested duty| at
     worker: unthrottled from its second checkpoint to the first thermal.throttle,
     throttled from the worker's cmd.throttle log (duty 0.5) to the ladder's next thermal
     event. Goal: <= 0.1. throttle_dims_per_s_ratio is the measured ratio.
+throttle_duty_error_compute: the same from a second run under the same profile whose
+    batches are real NKAT compute (COMPUTE_BATCH units, no stall): what the duty does to
+    real dims/s, with the host's own speed drift in it (_ratio_compute: the ratio).
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ memory_used_pct = [[0, 50]]
 """
 #: Settings of the bench run. Checkpoints every 0.25 s sample the rate; the run never
 #: completes (the bench stops it) and never resumes (the dwell outlasts it).
-SETTINGS = ("max_dimension=10000000000000", f"unit_dims={UNIT_DIMS}", f"batch_size={BATCH}",
+SETTINGS = ("max_dimension=10000000000000", f"unit_dims={UNIT_DIMS}",
             "batch_size_adaptive=false", "checkpoint_interval=0.25", "thermal_dwell=3600")
+#: Units per batch of the unpaced run: about 15 ms of NumPy compute on this machine.
+COMPUTE_BATCH = 32
 RUN_TIMEOUT_S = 120.0
 
 
@@ -150,26 +155,40 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _thermal_figures() -> dict[str, Any]:
+    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="nkat-bench-gpu-") as tmp:
         profile = Path(tmp) / "thermal_bench.toml"
         profile.write_text(PROFILE)
-        events = _supervised_run(Path(tmp) / "state", profile)
+        paced = _supervised_run(Path(tmp) / "paced", profile, paced=True)
+        computed = _supervised_run(Path(tmp) / "computed", profile, paced=False)
     try:
-        return {**_reaction(events), **_duty(events)}
+        figures.update(_reaction(paced))
+        figures.update(_duty(paced))
     except LookupError as exc:
-        return {"thermal_reaction_s": None, "throttle_duty_error": None,
-                "thermal_bench_error": str(exc)}
+        figures.update({"thermal_reaction_s": None, "throttle_duty_error": None,
+                        "thermal_bench_error": str(exc)})
+    try:
+        duty = _duty(computed)
+        figures.update({"throttle_duty_error_compute": duty["throttle_duty_error"],
+                        "throttle_dims_per_s_ratio_compute": duty["throttle_dims_per_s_ratio"]})
+    except LookupError as exc:
+        figures.update({"throttle_duty_error_compute": None,
+                        "thermal_bench_compute_error": str(exc)})
+    return figures
 
 
-def _supervised_run(state: Path, profile: Path) -> list[dict[str, Any]]:
-    """The JSON log of a run that ran until its worker stopped for the heat."""
+def _supervised_run(state: Path, profile: Path, *, paced: bool) -> list[dict[str, Any]]:
+    """The JSON log of a run that ran until its worker stopped for the heat: batches of
+    BATCH units paced by stalls, or (not paced) real NKAT batches of COMPUTE_BATCH."""
     argv = [sys.executable, "-m", "nkat.supervisor", "start", "--state-dir", str(state),
             "--run-id", "bench", "--quiet", "--backend", "numpy", "--sim-gpu", str(profile)]
     for setting in SETTINGS:
         argv += ["--set", setting]
+    argv += ["--set", f"batch_size={BATCH if paced else COMPUTE_BATCH}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NKAT_")}
-    env["NKAT_FAILPOINTS"] = ";".join(f"stall@unit={k * BATCH}:seconds={STALL_S}"
-                                      for k in range(PACED_BATCHES))
+    if paced:
+        env["NKAT_FAILPOINTS"] = ";".join(f"stall@unit={k * BATCH}:seconds={STALL_S}"
+                                          for k in range(PACED_BATCHES))
     log = state / "runs" / "bench" / "logs" / "supervisor.jsonl"
     sup = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

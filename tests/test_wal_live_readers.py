@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nkat.protocol.wal import RecordType, Wal, WalCorrupted
+from nkat.protocol.wal import RecordType, Wal, WalCorrupted, verify
 from nkat.protocol.wal.crashcheck import checkpoint_meta
 from nkat.protocol.wal.fileio import RealIO
 from nkat.protocol.wal.readonly import read_records, settled, verify_settled
@@ -22,10 +22,17 @@ RUN = {"v": 1, "run_id": "live", "spec": {}, "spec_hash": "0" * 64, "config": {}
 
 
 # settled(), with a scripted sequence of reads ------------------------------------------------
-def _script(results: list[str | None]) -> tuple[list[float], object]:
+def _script(results: list[str | None], budget: float = 10.0) -> tuple[list[float], object]:
+    """What settled() returns for reads giving ``results``; each read takes one second."""
     pauses: list[float] = []
     reads = iter(results)
-    value = settled(lambda: next(reads), lambda r: r, pause=0.5, sleep=pauses.append)
+    now = [0.0]
+
+    def read() -> str | None:
+        now[0] += 1.0
+        return next(reads)
+    value = settled(read, lambda r: r, budget=budget, pause=0.5, clock=lambda: now[0],
+                    sleep=pauses.append)
     return pauses, value
 
 
@@ -41,9 +48,11 @@ def test_a_problem_seen_twice_in_a_row_is_reported() -> None:
     assert _script(["damage at 40", "damage at 40", None]) == ([0.5], "damage at 40")
 
 
-def test_a_problem_that_never_holds_still_is_reported_after_the_last_read() -> None:
-    pauses, value = _script(["a", "b", "c", "d", None])
-    assert pauses == [0.5, 0.5, 0.5] and value == "d"
+def test_a_problem_that_never_holds_still_is_reported_when_the_budget_is_spent() -> None:
+    pauses, value = _script(["a", "b", "c", "d", "e", None], budget=3.5)
+    assert pauses == [0.5, 0.5, 0.5] and value == "d"  # reads end at 1, 2, 3, 4 s
+    pauses, value = _script(["a", "b", None], budget=0.0)
+    assert pauses == [0.5] and value == "b"  # two reads, however small the budget
 
 
 # A reader that catches a writer mid-append ---------------------------------------------------
@@ -124,6 +133,62 @@ def test_real_damage_is_still_reported(tmp_path: Path) -> None:
     report = verify_settled(wal_dir, blob_dir)
     assert not report.ok and report.problem is not None
     assert report.problem.offset == start and "checksum mismatch" in report.problem.reason
+
+
+# Retention removing a blob while verify reads -------------------------------------------------
+def _blob_log(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """Four blob checkpoints, all retained; returns the dirs and the blob names, oldest
+    first."""
+    wal_dir, blob_dir = tmp_path / "wal", tmp_path / "blobs"
+    with Wal.open(wal_dir, blob_dir, run=RUN, segment_size=1 << 16, inline_limit=16,
+                  backup_checkpoints=4) as wal:
+        for i in range(1, 5):
+            state = bytes([i]) * 200
+            wal.append_checkpoint(checkpoint_meta(i, state), state)
+    return wal_dir, blob_dir, sorted(p.name for p in blob_dir.iterdir())
+
+
+class RetentionDuringReadIO(RealIO):
+    """Real files; the blob ``victim`` is unlinked (as retention would) at the moment a
+    reader first does ``when``: lists the blob dir the second time, or reads the blob."""
+
+    def __init__(self, blob_dir: Path, victim: str, when: str) -> None:
+        self.victim, self.when = blob_dir / victim, when
+        self.blob_listings = 0
+
+    def _remove(self) -> None:
+        if self.victim.exists():
+            self.victim.unlink()
+
+    def listdir(self, path: Path) -> list[str]:
+        if path == self.victim.parent:
+            self.blob_listings += 1
+            if self.when == "second listing" and self.blob_listings == 2:
+                self._remove()
+        return super().listdir(path)
+
+    def read_file(self, path: Path) -> bytes:
+        if self.when == "state read" and path == self.victim:
+            self._remove()
+        return super().read_file(path)
+
+
+@pytest.mark.parametrize("when", ["second listing", "state read"])
+def test_a_blob_retention_removes_during_verify_is_pruned_not_damage(tmp_path, when) -> None:
+    wal_dir, blob_dir, blobs = _blob_log(tmp_path)
+    io = RetentionDuringReadIO(blob_dir, blobs[0], when)
+    report = verify(wal_dir, blob_dir, io=io)
+    assert report.ok, report.problem
+    assert [c.ckpt_seq for c in report.checkpoints] == [2, 3, 4]
+    assert any("removed by retention" in note for note in report.notes)
+
+
+def test_a_blob_missing_before_verify_starts_is_still_damage(tmp_path) -> None:
+    wal_dir, blob_dir, blobs = _blob_log(tmp_path)
+    (blob_dir / blobs[-1]).unlink()  # the newest checkpoint's: never pruned
+    report = verify(wal_dir, blob_dir)
+    assert not report.ok and report.problem is not None
+    assert f"blob {blobs[-1]} is missing" in report.problem.reason
 
 
 # A real writer process, appending and pruning, and readers racing it --------------------------

@@ -38,13 +38,17 @@ def write_blob(io: FileIO, blob_dir: Path, name: str, state: bytes) -> None:
     io.fsync_dir(blob_dir)
 
 
+class BlobMissing(ValueError):
+    """The blob file is not there (damage, or retention racing a read-only reader)."""
+
+
 def read_blob(io: FileIO, path: Path, size: int, chunk: int, crcs: list[int]) -> bytes:
     """The blob's bytes after checking size and every chunk; ValueError says what is
-    wrong (OSError other than a missing file goes to the caller)."""
+    wrong (BlobMissing for a missing file; other OSErrors go to the caller)."""
     try:
         data = io.read_file(path)
     except FileNotFoundError:
-        raise ValueError(f"blob {path.name} is missing") from None
+        raise BlobMissing(f"blob {path.name} is missing") from None
     if len(data) != size:
         raise ValueError(f"blob {path.name} has {len(data)} bytes, expected {size}")
     for i, (want, got) in enumerate(zip(crcs, chunk_crcs(data, chunk), strict=True)):

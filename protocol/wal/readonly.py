@@ -11,9 +11,10 @@ A reader racing a live writer can see a moment that never existed on disk as a w
 an append half copied into the page cache with the next one already complete after it
 ("a valid frame follows"), or a segment or blob that retention unlinks between the
 listing and the read. Real damage stays where it is; a race moves on. So these readers
-read again, up to ``ATTEMPTS`` times, and report a problem only when two reads in a row
-agree on it. A log nobody writes to gives the same answer twice, at the cost of one more
-read where it is damaged.
+read again, for up to ``BUDGET`` seconds, and report a problem only when two reads in a
+row agree on it. A log nobody writes to gives the same answer twice, at the cost of one
+more read where it is damaged. (``verify`` also lists the blobs before and after its scan,
+so retention during one read is rarely a problem at all: see recovery.check_blobs.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from .reader import scan_log, segment_records
 from .verify import VerifyReport, verify
 from .wal import Record
 
-#: Reads of a log before a problem that keeps moving is reported anyway.
-ATTEMPTS = 4
+#: Seconds of reading again before a problem that keeps moving is reported anyway: many
+#: reads, even on a loaded machine with a writer checkpointing every 10 ms.
+BUDGET = 2.0
 #: Seconds between two reads: a writer's append takes well under this.
 PAUSE = 0.02
 
@@ -39,15 +41,16 @@ T = TypeVar("T")
 
 
 def settled(read: Callable[[], T], problem_of: Callable[[T], Hashable | None], *,
-            attempts: int = ATTEMPTS, pause: float = PAUSE,
+            budget: float = BUDGET, pause: float = PAUSE,
+            clock: Callable[[], float] = time.monotonic,
             sleep: Callable[[float], None] = time.sleep) -> T:
     """``read()`` until it finds no problem or two reads in a row find the same one; the
-    last result after ``attempts`` reads otherwise."""
+    last result once ``budget`` seconds have passed otherwise (at least two reads)."""
+    deadline = clock() + budget
     previous: Hashable | None = None
     result = read()
-    for _ in range(attempts - 1):
-        problem = problem_of(result)
-        if problem is None or problem == previous:
+    while (problem := problem_of(result)) is not None and problem != previous:
+        if previous is not None and clock() >= deadline:
             break
         previous = problem
         sleep(pause)

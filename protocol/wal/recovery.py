@@ -74,12 +74,18 @@ def repair_torn_tail(io: FileIO, seg: SegmentScan) -> Path:
     return broken
 
 
-def check_blobs(io: FileIO, scan: LogScan, blob_dir: Path) -> Stop | None:
+def check_blobs(io: FileIO, scan: LogScan, blob_dir: Path,
+                listed_before: frozenset[str] = frozenset()) -> Stop | None:
     """Check blob files against the ckpt_ref records and mark those retention removed.
 
     Retention unlinks blobs oldest first, each durably before the next, so the missing
     ones are always the oldest; a missing blob newer than a present one, a missing
     newest checkpoint or a blob of the wrong size is damage.
+
+    ``listed_before``: the blob dir as a reader listed it before its scan of a log that a
+    live writer may be pruning. A blob there that is gone now was removed by retention
+    while the log was read (the scan may not have reached the newer checkpoints that
+    let it go), so it is taken as pruned, not missing.
     """
     present = set(io.listdir(blob_dir))
     seen_present = False
@@ -88,17 +94,28 @@ def check_blobs(io: FileIO, scan: LogScan, blob_dir: Path) -> Stop | None:
             continue
         reason = None
         if entry.blob not in present:
-            if not seen_present and entry is not scan.checkpoints[-1]:
+            if entry.blob in listed_before or (not seen_present
+                                               and entry is not scan.checkpoints[-1]):
                 entry.pruned = True
                 continue
             reason = f"blob {entry.blob} is missing"
-        elif (size := io.size(blob_dir / entry.blob)) != entry.size:
+        elif (size := _size_or_none(io, blob_dir / entry.blob)) is None:
+            entry.pruned = True  # listed a moment ago, gone now: retention, as above
+            continue
+        elif size != entry.size:
             reason = f"blob {entry.blob} has {size} bytes, expected {entry.size}"
         if reason is not None:
             return Stop(entry.segment, scan.path_of(entry.segment), entry.offset, reason,
                         torn=False)
         seen_present = True
     return None
+
+
+def _size_or_none(io: FileIO, path: Path) -> int | None:
+    try:
+        return io.size(path)
+    except FileNotFoundError:
+        return None
 
 
 def cut_back(io: FileIO, scan: LogScan, blob_dir: Path, stop: Stop) -> Path | None:

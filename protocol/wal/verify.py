@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .blobs import BlobMissing
 from .checkpoints import CheckpointInfo
 from .fileio import FileIO, RealIO
 from .format import BLOB_SUFFIX
@@ -65,6 +66,9 @@ def verify(wal_dir: Path, blob_dir: Path, *, backup_checkpoints: int | None = No
     wal_dir, blob_dir = Path(wal_dir), Path(blob_dir)
     notes: list[str] = []
     try:
+        # Listed before the scan as well as after it: a live writer's retention may
+        # remove blobs while the log is read (check_blobs).
+        listed_before = frozenset(io.listdir(blob_dir)) if io.exists(blob_dir) else frozenset()
         scan = scan_log(io, wal_dir, decode_all=True)
         stop = scan.stop
         if stop is not None and stop.torn:
@@ -72,7 +76,7 @@ def verify(wal_dir: Path, blob_dir: Path, *, backup_checkpoints: int | None = No
                          "the next open repairs it")
             stop = None
         if stop is None:
-            stop = check_blobs(io, scan, blob_dir)
+            stop = check_blobs(io, scan, blob_dir, listed_before)
         problem = Problem(stop.path, stop.offset, stop.reason) if stop is not None else None
         verified: list[CheckpointInfo] = []
         if problem is None:
@@ -96,12 +100,18 @@ def _check_states(io: FileIO, scan: LogScan, blob_dir: Path, backup: int | None,
         path = scan.path_of(entry.segment)
         try:
             load_state(io, path, entry, blob_dir)
+        except (BlobMissing, FileNotFoundError):
+            # Its blob or segment was there when the log was scanned and the blobs were
+            # listed: a live writer's retention removed it since (a log nobody writes to
+            # never gets here).
+            entry.pruned = True
+            continue
         except ValueError as exc:
             return Problem(path, entry.offset, str(exc))
         verified.append(CheckpointInfo.of(entry))
     pruned = [e for e in scan.checkpoints if e.pruned]
     if pruned:
-        notes.append(f"{len(pruned)} older checkpoints' blobs were removed by retention")
+        notes.append(f"{len(pruned)} older checkpoints' states were removed by retention")
     window = scan.checkpoints[-backup:] if backup is not None else []
     missing = [e for e in window if e.pruned]
     if missing:

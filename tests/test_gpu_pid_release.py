@@ -26,8 +26,9 @@ from tests.e2e import reference
 from tests.test_gpu_supervised import JOB, at, deterministic, last_checkpoint, supervise
 
 #: The watchdog's budget for a worker that stops talking, and the kill sequence's for a
-#: killed worker to be gone (KillSettings.kill_confirm, not a config key).
-HEARTBEAT_TIMEOUT, KILL_CONFIRM = 1.0, 5.0
+#: killed worker to be gone (kill_confirm: its default, and the shorter one the stuck
+#: context is given).
+HEARTBEAT_TIMEOUT, KILL_CONFIRM, STUCK_CONFIRM = 1.0, 5.0, 3.0
 #: Epoch 1 makes a few checkpoints durable, then hangs with the GIL held: no more beats.
 HANG = ";".join([*(f"stall@unit={k}:seconds=0.15:epoch=1" for k in range(8)),
                  "hang_gil@unit=8:epoch=1"])
@@ -167,6 +168,7 @@ def test_relaunch_waits_until_the_gpu_no_longer_lists_the_killed_pid(tmp_path, u
 def test_a_pid_the_gpu_never_releases_ends_in_kill_failed_and_the_run_resumes(
         tmp_path, undisturbed):
     stuck = supervise(tmp_path, "context_stuck.toml", f"heartbeat_timeout={HEARTBEAT_TIMEOUT}",
+                      f"kill_confirm={STUCK_CONFIRM}",
                       failpoints=HANG)
     assert stuck.rc == 3, stuck.err
     ev = stuck.log
@@ -174,7 +176,7 @@ def test_a_pid_the_gpu_never_releases_ends_in_kill_failed_and_the_run_resumes(
     held = at(ev, "worker.kill_escalated", epoch=1, reason="lingering")
     at(ev, "worker.sigkill", held, epoch=1, pid=pid)
     failed = at(ev, "worker.kill_failed", held, epoch=1, pid=pid)
-    assert KILL_CONFIRM - 0.3 <= seconds_between(ev[held], ev[failed]) < KILL_CONFIRM + 2
+    assert STUCK_CONFIRM - 0.3 <= seconds_between(ev[held], ev[failed]) < STUCK_CONFIRM + 2
     reason = ev[failed]["reason"]
     assert f"worker pid {pid} (epoch 1)" in reason
     assert f"the GPU still lists pid {pid} as holding a context" in reason

@@ -17,33 +17,9 @@ from nkat.supervisor.thermal import (
     ThermalState,
     effective_limits,
 )
+from tests.thermal_feed import Feed, S
 
-S = ThermalSettings()  # target 75, throttle 80, max 83, emergency 85, 3 samples, dwell 60
 K = ThermalActionKind
-
-
-class Feed:
-    """A ladder fed one reading a second."""
-
-    def __init__(self, ladder: ThermalLadder | None = None) -> None:
-        self.ladder = ladder or ThermalLadder(S)
-        self.t = 0.0
-        self.actions: list[ThermalAction] = []
-
-    def __call__(self, *temps: float | None, margin: float | None = None,
-                 reasons: int | None = None) -> list[ThermalAction]:
-        out = []
-        for temp in temps:
-            self.t += 1.0
-            action = self.ladder.update(self.t, temp, margin=margin, reasons=reasons)
-            if action is not None:
-                out.append(action)
-        self.actions += out
-        return out
-
-    @property
-    def state(self) -> ThermalState:
-        return self.ladder.state
 
 
 def kinds(actions: list[ThermalAction]) -> list[ThermalActionKind]:

@@ -13,31 +13,10 @@ from nkat.supervisor.thermal import (
     ThermalAction,
     ThermalActionKind,
     ThermalLadder,
-    ThermalSettings,
 )
+from tests.thermal_feed import Feed, S
 
-S = ThermalSettings()  # target 75, throttle 80, max 83, emergency 85, 3 samples, dwell 60
 K = ThermalActionKind
-
-
-class Feed:
-    """A ladder fed one reading a second; each reading is a temperature, or a
-    (temperature, reasons bits) pair."""
-
-    def __init__(self, ladder: ThermalLadder | None = None) -> None:
-        self.ladder = ladder or ThermalLadder(S)
-        self.t = 0.0
-
-    def __call__(self, *readings: float | None | tuple[float | None, int],
-                 margin: float | None = None) -> list[ThermalAction]:
-        out = []
-        for reading in readings:
-            temp, bits = reading if isinstance(reading, tuple) else (reading, None)
-            self.t += 1.0
-            action = self.ladder.update(self.t, temp, margin=margin, reasons=bits)
-            if action is not None:
-                out.append(action)
-        return out
 
 
 def one(actions: list[ThermalAction], kind: ThermalActionKind) -> ThermalAction:

@@ -63,13 +63,14 @@ def summarize(records: Iterable[Record]) -> History:
     return History(state, last, done, epoch)
 
 
-def run_state_from_disk(run: RunDir) -> str:
-    """The run's state; ``interrupted`` is what ``start --boot`` resumes."""
+def run_state_from_disk(run: RunDir, history: History | None = None) -> str:
+    """The run's state; ``interrupted`` is what ``start --boot`` resumes. ``history``: the
+    summary of its records, when the caller has read them already."""
     if run.result_file.exists():
         return "completed"
     if run.holder_pid():
         return "running"
-    return summarize(_readable_records(run)).state
+    return (history if history is not None else summarize(_readable_records(run))).state
 
 
 def _readable_records(run: RunDir) -> list[Record]:
@@ -106,7 +107,8 @@ def _disk_status(run: RunDir) -> dict[str, Any]:
     stored = run.read_status() or {}
     status: dict[str, Any] = dict.fromkeys(STATUS_KEYS)
     status.update((k, v) for k, v in stored.items() if k not in ("supervisor_pid", "worker_pid"))
-    state = run_state_from_disk(run)
+    history = summarize(_readable_records(run))
+    state = run_state_from_disk(run, history)
     checkpoints = _checkpoints(run)
     latest = checkpoints[-1] if checkpoints else None
     status.update({
@@ -119,7 +121,7 @@ def _disk_status(run: RunDir) -> dict[str, Any]:
     if latest:
         status["last_checkpoint_wall"] = latest["t_wall"]
     if "epoch" not in stored:  # status.json lost or never written: the WAL knows
-        status["epoch"] = summarize(_readable_records(run)).epoch
+        status["epoch"] = history.epoch
     if state == "completed":
         _show_completed(run, status)
         return status

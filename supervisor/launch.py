@@ -172,14 +172,15 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
             last is not None and last.type is RecordType.STOP)
         where = (f"checkpoint {latest.ckpt_seq} ({latest.units_done} units done)"
                  if latest else "the beginning (no checkpoint yet)")
-        ended = last.payload.get("kind") if last is not None and \
-            last.type is RecordType.EVENT else None
-        if ended in ("gave_up", "kill_failed"):
+        ended = last.payload if last is not None and last.type is RecordType.EVENT \
+            and last.payload.get("kind") in ("gave_up", "kill_failed") else None
+        if ended is not None:
             # The supervisor ended the run itself last time, and said why: no unclean shutdown.
-            why = last.payload.get("reason") if last is not None else None
-            say(f"resuming run {run.run_id} from {where}; last time it ended in {ended}"
+            why = ended.get("reason")
+            say(f"resuming run {run.run_id} from {where}; last time it ended in {ended['kind']}"
                 + (f": {why}" if why else ""))
-            log.info("run.resumed", ckpt_seq=latest.ckpt_seq if latest else None, after=ended)
+            log.info("run.resumed", ckpt_seq=latest.ckpt_seq if latest else None,
+                     after=ended["kind"])
         elif clean or last is None:
             say(f"resuming run {run.run_id} from {where}")
             log.info("run.resumed", ckpt_seq=latest.ckpt_seq if latest else None, after=None)

@@ -592,16 +592,17 @@ class Supervisor:
         worker = self.worker
         if worker is None or worker.poll() is None:
             return
-        lingering = self._left_behind(worker)
-        if lingering is not None and self.done_recorded and not worker.group_alive() \
-                and self.kill is None:
-            # Only the driver's context is left, and the result is durable: nothing will
-            # run over it, so the run is complete; the operator is told about the GPU.
-            self.log.warning("worker.context_lingers", epoch=worker.epoch, pid=worker.pid,
-                             detail=lingering,
-                             advice="the result is durable; check nvidia-smi before the "
-                                    "GPU's next job, and reset it if the pid stays")
+        if self.done_recorded and self.kill is None and not worker.group_alive():
+            # The result is durable and no process is left: nothing will run over a GPU
+            # context the driver keeps, so the run is complete; the operator is told.
             lingering = None
+            if context := self._left_behind(worker):
+                self.log.warning("worker.context_lingers", epoch=worker.epoch, pid=worker.pid,
+                                 detail=context,
+                                 advice="the result is durable; check nvidia-smi before the "
+                                        "GPU's next job, and reset it if the pid stays")
+        else:
+            lingering = self._left_behind(worker)
         if lingering is not None:
             # The leader is gone but its group or GPU context is not: end them first,
             # never relaunch over them.

@@ -1,8 +1,9 @@
 """nkat.protocol: the shared language of supervisor and worker.
 
-Two parts, no process logic: the wire messages (``nkat.protocol.messages``) and the
-write-ahead log format, writer and recovery (``nkat.protocol.wal``). Depends only on
-msgpack and a CRC32C library; never imports zmq, processes or cupy.
+The wire between the supervisor and its workers, and nothing else: the messages
+(``nkat.protocol.messages``) and the worker's exit codes (``nkat.protocol.exitcodes``).
+No process logic; depends only on msgpack; never imports zmq, processes or cupy. The
+write-ahead log is the supervisor's own storage and lives in ``nkat.supervisor.wal``.
 """
 
 from nkat.protocol.messages import (

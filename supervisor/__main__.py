@@ -2,6 +2,6 @@
 
 import sys
 
-from nkat.supervisor.cli import main
+from nkat.supervisor.ops.cli import main
 
 sys.exit(main())

@@ -22,9 +22,9 @@ from nkat.supervisor.config import Config, ConfigError
 from nkat.supervisor.gpu import GpuSensor, GpuUnavailable, NvmlSensor, ProfileError, ScriptedSensor
 from nkat.supervisor.gpu.scripted import load_profile
 from nkat.supervisor.gpu.sensor import Reading
-from nkat.supervisor.resources import LeakWatch, MemoryWatch, PowerWatch, ResourceSettings
-from nkat.supervisor.thermal import ThermalActionKind, ThermalLadder, ThermalSettings
-from nkat.supervisor.xid import XidAction, classify_event, classify_gpu_lost
+from nkat.supervisor.policies.resources import LeakWatch, MemoryWatch, PowerWatch, ResourceSettings
+from nkat.supervisor.policies.thermal import ThermalActionKind, ThermalLadder, ThermalSettings
+from nkat.supervisor.policies.xid import XidAction, classify_event, classify_gpu_lost
 
 
 @dataclasses.dataclass(frozen=True)

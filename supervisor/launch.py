@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nkat.protocol.messages import spec_hash
-from nkat.protocol.wal import RecordType, Wal, WalCorrupted, WalError
 from nkat.supervisor.config import (
     KEY_BY_NAME,
     PARAM_PREFIX,
@@ -23,15 +22,16 @@ from nkat.supervisor.config import (
     check_relations,
     coerce,
 )
-from nkat.supervisor.inspect import run_state_from_disk, summarize
 from nkat.supervisor.jsonlog import open_run_log
-from nkat.supervisor.progress import ProgressDisplay
+from nkat.supervisor.ops.inspect import run_state_from_disk, summarize
+from nkat.supervisor.ops.progress import ProgressDisplay
+from nkat.supervisor.ops.stdout import say as print_line
 from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id
-from nkat.supervisor.stdout import say as print_line
 from nkat.supervisor.supervise import EXIT_COMPLETED, EXIT_GAVE_UP, Supervisor
+from nkat.supervisor.wal import RecordType, Wal, WalCorrupted, WalError
 
 if TYPE_CHECKING:
-    from nkat.supervisor.metrics import RunMetrics
+    from nkat.supervisor.ops.metrics import RunMetrics
 
 EXIT_USAGE = 2
 
@@ -215,7 +215,7 @@ def _start_metrics(run: RunDir, config: Config, log: Any, say: Any) -> RunMetric
     addr = config["metrics_addr"]
     if not addr:
         return None
-    from nkat.supervisor.metrics import RunMetrics
+    from nkat.supervisor.ops.metrics import RunMetrics
     metrics = RunMetrics.for_run(run)
     try:
         metrics.serve(addr)

@@ -25,19 +25,24 @@ import psutil
 import zmq
 
 from nkat.protocol import messages as m
-from nkat.protocol.wal import RecordType, Wal, WalError
 from nkat.supervisor import control
 from nkat.supervisor.config import NKAT_JOB, Config
 from nkat.supervisor.health import GpuHealth
-from nkat.supervisor.kill_sequence import Action, KillReason, KillSequence, KillSettings
-from nkat.supervisor.lifecycle import WorkerState, can_transition, check_transition
-from nkat.supervisor.restart_policy import Decision, ExitInfo, RestartPolicy, RestartSettings
+from nkat.supervisor.policies.kill_sequence import Action, KillReason, KillSequence, KillSettings
+from nkat.supervisor.policies.lifecycle import WorkerState, can_transition, check_transition
+from nkat.supervisor.policies.restart_policy import (
+    Decision,
+    ExitInfo,
+    RestartPolicy,
+    RestartSettings,
+)
+from nkat.supervisor.policies.watchdog import Watchdog, WatchdogSettings
 from nkat.supervisor.rundir import RunDir, RunDirError
 from nkat.supervisor.spawn import WorkerProcess
-from nkat.supervisor.watchdog import Watchdog, WatchdogSettings
+from nkat.supervisor.wal import RecordType, Wal, WalError
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked for
-    from nkat.supervisor.metrics import RunMetrics
+    from nkat.supervisor.ops.metrics import RunMetrics
 
 EXIT_COMPLETED = 0
 EXIT_GAVE_UP = 3

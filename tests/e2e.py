@@ -23,8 +23,8 @@ from typing import Any
 import psutil
 import pytest
 
-from nkat.protocol.wal import RecordType
-from nkat.protocol.wal.readonly import read_records
+from nkat.supervisor.wal import RecordType
+from nkat.supervisor.wal.readonly import read_records
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
-from nkat.protocol.wal import RecordType
 from nkat.supervisor.gpu.scripted import ProfileError, ScriptedSensor, parse_profile
+from nkat.supervisor.wal import RecordType
 from tests.e2e import reference
 from tests.test_gpu_supervised import JOB, at, deterministic, last_checkpoint, supervise
 

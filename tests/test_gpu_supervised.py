@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from nkat.protocol.wal import RecordType
-from nkat.protocol.wal.readonly import read_records
+from nkat.supervisor.wal import RecordType
+from nkat.supervisor.wal.readonly import read_records
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 

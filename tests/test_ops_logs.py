@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from nkat.protocol.messages import CMD_OPS
-from nkat.supervisor import logview
 from nkat.supervisor.control import OPS
 from nkat.supervisor.jsonlog import LEVELS, RotatingLineFile, open_run_log
-from nkat.supervisor.logview import LogReader, Printer, parse_line, parse_since
+from nkat.supervisor.ops import logview
+from nkat.supervisor.ops.logview import LogReader, Printer, parse_line, parse_since
+from nkat.supervisor.policies.thermal import ThermalActionKind
+from nkat.supervisor.policies.watchdog import VerdictKind
 from nkat.supervisor.rundir import RunDir
-from nkat.supervisor.thermal import ThermalActionKind
-from nkat.supervisor.watchdog import VerdictKind
 from tests.test_ops_support import nkat_run, ops_argv, ops_env, run_ops
 
 __all__ = ["nkat_run"]  # a fixture, imported so pytest finds it here

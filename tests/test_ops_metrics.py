@@ -12,7 +12,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nkat.supervisor.metrics import RunMetrics, nkat_dims, parse_addr
+from nkat.supervisor.ops.metrics import RunMetrics, nkat_dims, parse_addr
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 STATUS = {"run_id": "r1", "state": "running", "epoch": 2, "units_done": 23, "units_total": 46,

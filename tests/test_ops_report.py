@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nkat.supervisor import report
+from nkat.supervisor.ops import report
 from nkat.supervisor.rundir import RunDir
 from tests.test_ops_support import nkat_run, run_ops
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nkat.supervisor.inspect import run_state_from_disk
+from nkat.supervisor.ops.inspect import run_state_from_disk
+from nkat.supervisor.ops.service import render_unit
 from nkat.supervisor.rundir import RunDir
-from nkat.supervisor.service import render_unit
 from tests.test_ops_support import ops_argv, ops_env, run_ops, supervise
 
 

@@ -21,7 +21,7 @@ COMMAND_MODULES = {"logs": "logview", "report": "report", "install-service": "se
 _RUNNER = f"""
 import argparse, importlib, sys
 name = sys.argv[1]
-mod = importlib.import_module("nkat.supervisor." + {COMMAND_MODULES!r}[name])
+mod = importlib.import_module("nkat.supervisor.ops." + {COMMAND_MODULES!r}[name])
 parser = argparse.ArgumentParser(prog="nkat-supervise " + name)
 parser.add_argument("--state-dir")
 mod.add_arguments(parser)

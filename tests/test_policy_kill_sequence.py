@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nkat.supervisor.kill_sequence import (
+from nkat.supervisor.policies.kill_sequence import (
     Action,
     KillReason,
     KillSequence,

@@ -6,14 +6,14 @@ import itertools
 
 import pytest
 
-from nkat.supervisor.lifecycle import (
+from nkat.supervisor.policies.lifecycle import (
     TRANSITIONS,
     IllegalTransition,
     WorkerState,
     can_transition,
     check_transition,
 )
-from nkat.supervisor.restart_policy import Decision, ExitClass, RestartAction
+from nkat.supervisor.policies.restart_policy import Decision, ExitClass, RestartAction
 
 W = WorkerState
 FINAL = {W.KILL_FAILED, W.COMPLETED, W.STOPPED, W.GAVE_UP}

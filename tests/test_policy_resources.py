@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nkat.supervisor.resources import (
+from nkat.supervisor.policies.resources import (
     LeakWatch,
     MemoryWatch,
     PowerWatch,

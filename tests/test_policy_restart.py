@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nkat.protocol import exitcodes
-from nkat.supervisor.kill_sequence import KillReason
-from nkat.supervisor.lifecycle import WorkerState
-from nkat.supervisor.restart_policy import (
+from nkat.supervisor.policies.kill_sequence import KillReason
+from nkat.supervisor.policies.lifecycle import WorkerState
+from nkat.supervisor.policies.restart_policy import (
     ExitClass,
     ExitInfo,
     RestartAction,

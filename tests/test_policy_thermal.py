@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nkat.supervisor.gpu.sensor import Thresholds
-from nkat.supervisor.thermal import (
+from nkat.supervisor.policies.thermal import (
     HW_POWER_BRAKE_SLOWDOWN,
     HW_SLOWDOWN,
     HW_THERMAL_SLOWDOWN,

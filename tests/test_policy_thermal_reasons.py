@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from nkat.supervisor.gpu.sensor import Thresholds
-from nkat.supervisor.thermal import (
+from nkat.supervisor.policies.thermal import (
     HW_THERMAL_SLOWDOWN,
     SW_THERMAL_SLOWDOWN,
     ThermalAction,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nkat.supervisor.kill_sequence import KillReason
-from nkat.supervisor.watchdog import (
+from nkat.supervisor.policies.kill_sequence import KillReason
+from nkat.supervisor.policies.watchdog import (
     BATCH_WINDOW,
     ProgressPhase,
     VerdictKind,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nkat.supervisor.xid import (
+from nkat.supervisor.policies.xid import (
     XidAction,
     classify_event,
     classify_gpu_lost,

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from nkat.protocol import messages as m
-from nkat.protocol.wal import RecordType
+from nkat.supervisor.wal import RecordType
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     SupervisedRun,
     deterministic,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nkat.protocol.wal import RecordType
+from nkat.supervisor.wal import RecordType
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     FAST_RESTARTS,
     SupervisedRun,

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from nkat.protocol.wal import (
+from nkat.supervisor.wal import (
     RealIO,
-    RecordingIO,
     RecordType,
     Wal,
     WalCorrupted,
     WalError,
     verify,
 )
-from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
-from nkat.protocol.wal.format import HEADER_SIZE, SegmentHeader
-from nkat.protocol.wal.reader import FrameReader
-from nkat.protocol.wal.readonly import read_records
+from nkat.supervisor.wal.format import HEADER_SIZE, SegmentHeader
+from nkat.supervisor.wal.reader import FrameReader
+from nkat.supervisor.wal.readonly import read_records
+from nkat.supervisor.wal.testing.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
+from nkat.supervisor.wal.testing.recording import RecordingIO
 
 RT = RecordType
 

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nkat.protocol.messages import state_digest
-from nkat.protocol.wal import Image, RecordingIO, RecordType, Wal, WalCorrupted, verify
-from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
+from nkat.supervisor.wal import RecordType, Wal, WalCorrupted, verify
+from nkat.supervisor.wal.testing.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
+from nkat.supervisor.wal.testing.recording import Image, RecordingIO
 
 SETTINGS = {"segment_size": 1 << 16, "inline_limit": 1000, "blob_chunk": 4096,
             "backup_checkpoints": 3}

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nkat.protocol.wal import Image, RecordingIO, RecordType, Wal, WalCorrupted, verify
-from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
-from nkat.protocol.wal.format import FRAME_HEADER_SIZE, HEADER_SIZE, SegmentHeader
-from nkat.protocol.wal.reader import Frame, FrameReader
+from nkat.supervisor.wal import RecordType, Wal, WalCorrupted, verify
+from nkat.supervisor.wal.format import FRAME_HEADER_SIZE, HEADER_SIZE, SegmentHeader
+from nkat.supervisor.wal.reader import Frame, FrameReader
+from nkat.supervisor.wal.testing.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
+from nkat.supervisor.wal.testing.recording import Image, RecordingIO
 
 SETTINGS = {"segment_size": 1024, "backup_checkpoints": 20}
 

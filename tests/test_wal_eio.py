@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from nkat.protocol.wal import CrashState, RecordingIO, RecordType, Wal, WalIOError
-from nkat.protocol.wal.crashcheck import (
+from nkat.supervisor.wal import RecordType, Wal, WalIOError
+from nkat.supervisor.wal.testing.crashcheck import (
     BLOB_DIR,
     RUN,
     WAL_DIR,
@@ -17,6 +17,7 @@ from nkat.protocol.wal.crashcheck import (
     checkpoint_meta,
     run_workload,
 )
+from nkat.supervisor.wal.testing.recording import CrashState, RecordingIO
 
 
 def event(i: int) -> dict[str, object]:
@@ -147,7 +148,7 @@ def test_a_fault_at_any_operation_loses_nothing_acknowledged(kind: str, err: int
 def test_real_io_reports_enospc_from_a_full_device(tmp_path: os.PathLike[str]) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
-    from nkat.protocol.wal import RealIO
+    from nkat.supervisor.wal import RealIO
 
     io = RealIO()
     fd = io.open("/dev/full", os.O_WRONLY)  # type: ignore[arg-type]

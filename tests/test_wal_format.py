@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nkat.protocol.wal import RecordingIO, RecordType, Wal
-from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR
-from nkat.protocol.wal.format import (
+from nkat.supervisor.wal import RecordType, Wal
+from nkat.supervisor.wal.format import (
     ALIGN,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
@@ -22,7 +21,9 @@ from nkat.protocol.wal.format import (
     parse_segment_name,
     segment_name,
 )
-from nkat.protocol.wal.reader import FrameReader
+from nkat.supervisor.wal.reader import FrameReader
+from nkat.supervisor.wal.testing.crashcheck import BLOB_DIR, RUN, WAL_DIR
+from nkat.supervisor.wal.testing.recording import RecordingIO
 
 SALT = 0x11223344
 

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from nkat.protocol.wal import Image, RealIO, RecordingIO, RecordType, Wal, WalCorrupted, verify
-from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
-from nkat.protocol.wal.fileio import CHUNK
-from nkat.protocol.wal.format import (
+from nkat.supervisor.wal import RealIO, RecordType, Wal, WalCorrupted, verify
+from nkat.supervisor.wal.fileio import CHUNK
+from nkat.supervisor.wal.format import (
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     SegmentHeader,
     encode_frame,
 )
-from nkat.protocol.wal.reader import Frame, FrameReader, SegmentFile, scan_after, scan_log
-from nkat.protocol.wal.readonly import read_records
+from nkat.supervisor.wal.reader import Frame, FrameReader, SegmentFile, scan_after, scan_log
+from nkat.supervisor.wal.readonly import read_records
+from nkat.supervisor.wal.testing.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
+from nkat.supervisor.wal.testing.recording import Image, RecordingIO
 
 SEGMENT = WAL_DIR / "0000000000000000.wal"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from nkat.protocol.wal import RecordType, Wal, WalCorrupted, verify
-from nkat.protocol.wal.crashcheck import checkpoint_meta
-from nkat.protocol.wal.fileio import RealIO
-from nkat.protocol.wal.readonly import read_records, settled, verify_settled
+from nkat.supervisor.wal import RecordType, Wal, WalCorrupted, verify
+from nkat.supervisor.wal.fileio import RealIO
+from nkat.supervisor.wal.readonly import read_records, settled, verify_settled
+from nkat.supervisor.wal.testing.crashcheck import checkpoint_meta
 
 RUN = {"v": 1, "run_id": "live", "spec": {}, "spec_hash": "0" * 64, "config": {},
        "created": 0.0}
@@ -90,7 +90,7 @@ def _small_log(tmp_path: Path) -> tuple[Path, Path, tuple[int, int]]:
         for i in range(3):
             wal.append(RecordType.EVENT, {"kind": "progress", "i": i, "pad": b"x" * 300})
         wal.append_checkpoint(checkpoint_meta(1, b"state"), b"state")
-    from nkat.protocol.wal.reader import scan_log
+    from nkat.supervisor.wal.reader import scan_log
     scan = scan_log(RealIO(), wal_dir)
     (segment,) = scan.segments
     frames = _frame_bounds(segment.path, segment.salt, segment.end)
@@ -98,8 +98,8 @@ def _small_log(tmp_path: Path) -> tuple[Path, Path, tuple[int, int]]:
 
 
 def _frame_bounds(path: Path, salt: int, end: int) -> list[tuple[int, int]]:
-    from nkat.protocol.wal.format import HEADER_SIZE
-    from nkat.protocol.wal.reader import FrameReader, SegmentFile
+    from nkat.supervisor.wal.format import HEADER_SIZE
+    from nkat.supervisor.wal.reader import FrameReader, SegmentFile
     reader = FrameReader(SegmentFile.open(RealIO(), path, end), salt, HEADER_SIZE, None)
     return [(f.offset, f.end) for f in reader]
 
@@ -196,8 +196,8 @@ WRITER = textwrap.dedent("""
     import sys
     import time
     from pathlib import Path
-    from nkat.protocol.wal import RecordType, Wal
-    from nkat.protocol.wal.crashcheck import checkpoint_meta
+    from nkat.supervisor.wal import RecordType, Wal
+    from nkat.supervisor.wal.testing.crashcheck import checkpoint_meta
     wal_dir, blob_dir, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     run = {"v": 1, "run_id": "live", "spec": {}, "spec_hash": "0" * 64, "config": {},
            "created": 0.0}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from nkat.protocol.wal import RecordingIO
-from nkat.protocol.wal.crashcheck import run_campaign, run_workload
+from nkat.supervisor.wal.testing.crashcheck import run_campaign, run_workload
+from nkat.supervisor.wal.testing.recording import RecordingIO
 
 
 def test_every_crash_state_recovers(crash_states: int | None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nkat.protocol.wal import Image, RecordingIO
+from nkat.supervisor.wal.testing.recording import Image, RecordingIO
 
 D = Path("/d")
 F = D / "f"

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from nkat.protocol.wal import RecordingIO, RecordType, Wal, WalCorrupted, verify
-from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
+from nkat.supervisor.wal import RecordType, Wal, WalCorrupted, verify
+from nkat.supervisor.wal.testing.crashcheck import BLOB_DIR, RUN, WAL_DIR, checkpoint_meta
+from nkat.supervisor.wal.testing.recording import RecordingIO
 
 SETTINGS = {"segment_size": 1024, "inline_limit": 64, "blob_chunk": 64}
 

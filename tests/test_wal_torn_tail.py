@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nkat.protocol.wal import Image, RecordingIO, RecordType, Wal
-from nkat.protocol.wal.crashcheck import BLOB_DIR, RUN, WAL_DIR
-from nkat.protocol.wal.format import FRAME_HEADER_SIZE, frame_size, pack_payload
-from nkat.protocol.wal.reader import scan_log
+from nkat.supervisor.wal import RecordType, Wal
+from nkat.supervisor.wal.format import FRAME_HEADER_SIZE, frame_size, pack_payload
+from nkat.supervisor.wal.reader import scan_log
+from nkat.supervisor.wal.testing.crashcheck import BLOB_DIR, RUN, WAL_DIR
+from nkat.supervisor.wal.testing.recording import Image, RecordingIO
 
 SEGMENT = WAL_DIR / "0000000000000000.wal"
 SIZE = 1 << 16

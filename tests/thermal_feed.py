@@ -8,7 +8,12 @@
 
 from __future__ import annotations
 
-from nkat.supervisor.thermal import ThermalAction, ThermalLadder, ThermalSettings, ThermalState
+from nkat.supervisor.policies.thermal import (
+    ThermalAction,
+    ThermalLadder,
+    ThermalSettings,
+    ThermalState,
+)
 
 S = ThermalSettings()  # target 75, throttle 80, max 83, emergency 85, 3 samples, dwell 60
 

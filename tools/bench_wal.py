@@ -18,9 +18,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from nkat.protocol.wal import RealIO, RecordType, Wal, verify
-from nkat.protocol.wal.crashcheck import RUN, checkpoint_meta, run_campaign
-from nkat.protocol.wal.format import frame_size, pack_payload
+from nkat.supervisor.wal import RealIO, RecordType, Wal, verify
+from nkat.supervisor.wal.format import frame_size, pack_payload
+from nkat.supervisor.wal.testing.crashcheck import RUN, checkpoint_meta, run_campaign
 
 RECORD_BYTES = 8192
 SEGMENT_BYTES = 64 << 20

@@ -60,8 +60,8 @@ from benchlib import (  # noqa: E402 - after the path insert that finds it
     wait_gone,
 )
 
-from nkat.protocol.wal import RecordType, WalError, verify  # noqa: E402
-from nkat.protocol.wal.readonly import read_records  # noqa: E402
+from nkat.supervisor.wal import RecordType, WalError, verify  # noqa: E402
+from nkat.supervisor.wal.readonly import read_records  # noqa: E402
 
 KINDS = ("worker", "supervisor", "both")
 #: How long a worker may outlive its SIGKILLed supervisor before it counts as an orphan.

@@ -134,7 +134,7 @@ class XidEvent:
 
     kind: "xid" (`xid` holds the code), "ecc_double_bit" or "gpu_unavailable" (`xid` is
     None). `index` is -1 when the event could not be tied to a device. What an event
-    means for the run is `nkat.supervisor.xid.classify_event`'s business.
+    means for the run is `nkat.supervisor.policies.xid.classify_event`'s business.
     """
 
     t_mono: float

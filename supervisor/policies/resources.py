@@ -29,7 +29,7 @@ import dataclasses
 import enum
 from collections import deque
 
-from nkat.supervisor.policy_settings import FromConfig
+from nkat.supervisor.policies.settings import FromConfig
 
 _MB = 1024 * 1024
 

@@ -42,10 +42,10 @@ import signal
 from collections import deque
 
 from nkat.protocol import exitcodes
-from nkat.supervisor.kill_sequence import KillReason
-from nkat.supervisor.lifecycle import WorkerState
-from nkat.supervisor.policy_settings import FromConfig
-from nkat.supervisor.xid import GPU_RESET_ADVICE
+from nkat.supervisor.policies.kill_sequence import KillReason
+from nkat.supervisor.policies.lifecycle import WorkerState
+from nkat.supervisor.policies.settings import FromConfig
+from nkat.supervisor.policies.xid import GPU_RESET_ADVICE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,6 @@ from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import WalCorrupted, WalError, WalIOError
 from .fileio import FileIO, RealIO
 from .format import RecordType
-from .recording import CrashState, Image, RecordingIO
 from .recovery import Recovery
 from .verify import Problem, SegmentInfo, VerifyReport, verify
 from .wal import Record, Wal
@@ -34,14 +33,11 @@ from .wal import Record, Wal
 __all__ = [
     "Checkpoint",
     "CheckpointInfo",
-    "CrashState",
     "FileIO",
-    "Image",
     "Problem",
     "RealIO",
     "Record",
     "RecordType",
-    "RecordingIO",
     "Recovery",
     "SegmentInfo",
     "VerifyReport",

@@ -28,8 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from nkat.supervisor.ops.stdout import silence_stdout
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
-from nkat.supervisor.stdout import silence_stdout
 
 # jsonlog.LEVELS, in its order (a test holds them equal). Not imported from there: that
 # would load structlog into every command line, since the CLI builds all its parsers.

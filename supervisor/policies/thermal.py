@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
-from nkat.supervisor.policy_settings import FromConfig
+from nkat.supervisor.policies.settings import FromConfig
 
 # NVML clocks event (throttle) reason bits, as in nvml.h.
 HW_SLOWDOWN = 0x8

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nkat.supervisor import control, logview, report, service
+from nkat.supervisor import control
 from nkat.supervisor.config import KEYS, ConfigError, load_config
+from nkat.supervisor.ops import logview, report, service
+from nkat.supervisor.ops.stdout import silence_stdout
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
-from nkat.supervisor.stdout import silence_stdout
 
 EXIT_USAGE = 2
 
@@ -226,7 +227,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from nkat.supervisor.inspect import run_status
+    from nkat.supervisor.ops.inspect import run_status
 
     state = state_dir(args.state_dir)
     run = _resolve_run(state, args.run)
@@ -253,7 +254,7 @@ STATUS_FIELDS = ("run_id", "state", "source", "epoch", "restarts", "progress", "
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from nkat.supervisor.inspect import run_status
+    from nkat.supervisor.ops.inspect import run_status
 
     rows = []
     for run in list_runs(state_dir(args.state_dir)):
@@ -273,7 +274,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from nkat.supervisor.inspect import list_checkpoints
+    from nkat.supervisor.ops.inspect import list_checkpoints
 
     run = _resolve_run(state_dir(args.state_dir), args.run)
     rows = list_checkpoints(run)
@@ -290,7 +291,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from nkat.supervisor.inspect import verify_run
+    from nkat.supervisor.ops.inspect import verify_run
 
     run = _resolve_run(state_dir(args.state_dir), args.run)
     report = verify_run(run)

@@ -18,11 +18,11 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from nkat.protocol.wal import Record, RecordType, WalError
-from nkat.protocol.wal.readonly import read_records, verify_settled
 from nkat.supervisor import control
-from nkat.supervisor.logview import read_log
+from nkat.supervisor.ops.logview import read_log
 from nkat.supervisor.rundir import RunDir
+from nkat.supervisor.wal import Record, RecordType, WalError
+from nkat.supervisor.wal.readonly import read_records, verify_settled
 
 
 @dataclasses.dataclass(frozen=True)

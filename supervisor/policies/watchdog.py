@@ -39,8 +39,8 @@ import enum
 import math
 from collections import deque
 
-from nkat.supervisor.kill_sequence import KillReason
-from nkat.supervisor.policy_settings import FromConfig
+from nkat.supervisor.policies.kill_sequence import KillReason
+from nkat.supervisor.policies.settings import FromConfig
 
 #: How many recent batch times the adaptive stall deadline looks at.
 BATCH_WINDOW = 256

@@ -16,7 +16,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..messages import state_digest
+from nkat.protocol.messages import state_digest
+
 from .blobs import read_blob
 from .checkpoints import CheckpointEntry, parse_entry
 from .errors import WalCorrupted

@@ -20,7 +20,7 @@ from typing import Any, TypeGuard
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from nkat.supervisor.restart_policy import ExitClass
+from nkat.supervisor.policies.restart_policy import ExitClass
 from nkat.supervisor.rundir import RunDir
 
 NKAT_JOB = "nkat-highdim"

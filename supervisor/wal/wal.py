@@ -13,7 +13,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ..messages import state_digest
+from nkat.protocol.messages import state_digest
+
 from .blobs import blob_name, chunk_crcs, write_blob
 from .checkpoints import (
     STATE_FIELDS,

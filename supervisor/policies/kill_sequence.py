@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from nkat.supervisor.policy_settings import FromConfig
+from nkat.supervisor.policies.settings import FromConfig
 
 
 class KillReason(enum.StrEnum):

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nkat.supervisor.logview import line_time, read_log, resolve_run
+from nkat.supervisor.ops.logview import line_time, read_log, resolve_run
 from nkat.supervisor.rundir import RunDir, state_dir
 
 NC = 17.2644  # the seed's critical dimension, marked on the S(N) plot
@@ -53,7 +53,7 @@ class Timeline:
 
 
 def _nkat_dims(spec: dict[str, Any]) -> tuple[int, int] | None:
-    from nkat.supervisor.metrics import nkat_dims  # prometheus_client: only when reporting
+    from nkat.supervisor.ops.metrics import nkat_dims  # prometheus_client: only when reporting
 
     return nkat_dims(spec)
 
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_report(run: RunDir, out: Path, figure_cls: Any) -> int:
-    from nkat.supervisor.inspect import list_checkpoints, run_status  # the WAL reader
+    from nkat.supervisor.ops.inspect import list_checkpoints, run_status  # the WAL reader
 
     dims = _nkat_dims(run.info.spec)
     tl = read_timeline(run, float(dims[0]) if dims else 1.0)

@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..messages import state_digest
-from .errors import WalError, WalIOError
-from .format import FRAME_HEADER, FRAME_HEADER_SIZE, RecordType, frame_crc, unpack_payload
-from .recording import CrashState, RecordingIO
-from .verify import verify
-from .wal import Wal
+from nkat.protocol.messages import state_digest
+from nkat.supervisor.wal.errors import WalError, WalIOError
+from nkat.supervisor.wal.format import (
+    FRAME_HEADER,
+    FRAME_HEADER_SIZE,
+    RecordType,
+    frame_crc,
+    unpack_payload,
+)
+from nkat.supervisor.wal.testing.recording import CrashState, RecordingIO
+from nkat.supervisor.wal.verify import verify
+from nkat.supervisor.wal.wal import Wal
 
 WAL_DIR = Path("/run/wal")
 BLOB_DIR = Path("/run/blobs")

@@ -1,4 +1,4 @@
-"""The wire messages between supervisor and worker (DESIGN.md §3).
+"""The wire messages between supervisor and worker (docs/architecture.md, "Conversation").
 
 Every message is a frozen dataclass; ``encode`` turns one into msgpack bytes and
 ``decode`` turns bytes back into a message or raises :class:`ProtocolError`, the one

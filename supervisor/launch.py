@@ -9,11 +9,15 @@ only runs that were running when the machine went down (never ones an operator s
 
 from __future__ import annotations
 
+import os
+import random
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nkat.protocol.messages import spec_hash
+from nkat.supervisor import journal
 from nkat.supervisor.config import (
     KEY_BY_NAME,
     PARAM_PREFIX,
@@ -22,18 +26,19 @@ from nkat.supervisor.config import (
     check_relations,
     coerce,
 )
+from nkat.supervisor.controller import Durable, RunController, RunFacts
+from nkat.supervisor.exitcode import ExitCode
+from nkat.supervisor.health import open_probe
 from nkat.supervisor.jsonlog import open_run_log
-from nkat.supervisor.ops.inspect import run_state_from_disk, summarize
+from nkat.supervisor.ops.inspect import History, run_state_from_disk, summarize
 from nkat.supervisor.ops.progress import ProgressDisplay
 from nkat.supervisor.ops.stdout import say as print_line
 from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id
-from nkat.supervisor.supervise import EXIT_COMPLETED, EXIT_GAVE_UP, Supervisor
-from nkat.supervisor.wal import RecordType, Wal, WalCorrupted, WalError
+from nkat.supervisor.supervise import Shell
+from nkat.supervisor.wal import CheckpointInfo, Wal, WalCorrupted, WalError
 
 if TYPE_CHECKING:
     from nkat.supervisor.ops.metrics import RunMetrics
-
-EXIT_USAGE = 2
 
 
 def pick_run(state: Path, config: Config, *, run_id: str | None, fresh: bool,
@@ -115,7 +120,7 @@ def launch_run(run: RunDir, config: Config, *, how: str, quiet: bool,
                                      salvage=salvage)
     except RunLocked as exc:
         print(f"nkat-supervise: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 def _supervise_locked(run: RunDir, config: Config, *, how: str, quiet: bool,
@@ -137,12 +142,12 @@ def _supervise_locked(run: RunDir, config: Config, *, how: str, quiet: bool,
                   f"{exc}\n  Acknowledged data is damaged, so the run will not start. "
                   f"Inspect it with `nkat-supervise verify {run.run_id}`; to fall back to the "
                   f"newest intact checkpoint, start again with --salvage.", file=sys.stderr)
-            return EXIT_GAVE_UP
+            return ExitCode.GAVE_UP
         except (WalError, OSError) as exc:
             log.critical("wal.open_failed", error=str(exc))
             print(f"nkat-supervise: error: cannot open the write-ahead log: {exc}",
                   file=sys.stderr)
-            return EXIT_GAVE_UP
+            return ExitCode.GAVE_UP
         try:
             return _run_with_wal(run, config, wal, log, how=how, say=say, quiet=quiet,
                                  sim_gpu=sim_gpu)
@@ -153,62 +158,72 @@ def _supervise_locked(run: RunDir, config: Config, *, how: str, quiet: bool,
 
 
 def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, say: Any,
-                  quiet: bool, sim_gpu: str | None) -> int:
+                  quiet: bool, sim_gpu: str | None) -> ExitCode:
     recovery = wal.recovery
     log.info("wal.recovered", records=recovery.records,
              torn_tail_repaired=recovery.torn_tail_repaired, salvaged=recovery.salvaged,
              problem=recovery.problem)
     history = summarize(wal.records())
-    last = history.last
     if history.done is not None:
         if run.read_result() is None:
-            run.write_result(history.done.payload["result"])
+            run.write_result(history.done.result)
         say(f"run {run.run_id} already completed: {run.result_file}")
-        return EXIT_COMPLETED
+        return ExitCode.COMPLETED
     infos = wal.checkpoints()
     latest = infos[-1] if infos else None
     if how == "resume":
-        clean = history.state in ("stopped", "new") or (
-            last is not None and last.type is RecordType.STOP)
-        where = (f"checkpoint {latest.ckpt_seq} ({latest.units_done} units done)"
-                 if latest else "the beginning (no checkpoint yet)")
-        ended = last.payload if last is not None and last.type is RecordType.EVENT \
-            and last.payload.get("kind") in ("gave_up", "kill_failed") else None
-        if ended is not None:
-            # The supervisor ended the run itself last time, and said why: no unclean shutdown.
-            why = ended.get("reason")
-            say(f"resuming run {run.run_id} from {where}; last time it ended in {ended['kind']}"
-                + (f": {why}" if why else ""))
-            log.info("run.resumed", ckpt_seq=latest.ckpt_seq if latest else None,
-                     after=ended["kind"])
-        elif clean or last is None:
-            say(f"resuming run {run.run_id} from {where}")
-            log.info("run.resumed", ckpt_seq=latest.ckpt_seq if latest else None, after=None)
-        else:
-            say(f"run {run.run_id} recovered after an unclean shutdown (power loss or kill -9); "
-                f"resuming from {where}")
-            log.warning("run.recovered_unclean", ckpt_seq=latest.ckpt_seq if latest else None,
-                        units_done=latest.units_done if latest else 0,
-                        last_record=last.type.value)
+        _say_resumed(run, history, latest, log, say)
     else:
         say(f"started run {run.run_id} (state in {run.path})")
         log.info("run.started", spec=run.info.spec)
-    health = _make_health(config, sim_gpu, log, say)
+    probe = open_probe(config, sim_gpu, log, say, time.monotonic())
     metrics = _start_metrics(run, config, log, say)
     display = None if quiet else ProgressDisplay(sys.stdout)
-    sup = Supervisor(run, config, wal, log, health=health, metrics=metrics,
-                     on_status=display.update if display else None, last_epoch=history.epoch)
+    durable = Durable(latest.ckpt_seq, latest.units_done, latest.t_wall) if latest else Durable()
+    facts = RunFacts(run.run_id, run.info.spec, epoch=history.epoch, durable=durable,
+                     restarts=history.restarts, result_path=str(run.result_file),
+                     supervisor_pid=os.getpid())
+    controller = RunController(config, facts, gpus=probe.gpus if probe else (),
+                               rng=random.Random())
+    shell = Shell(run, wal, log, controller, probe=probe, metrics=metrics,
+                  on_status=display.update if display else None)
     try:
-        code = sup.run()
+        code = ExitCode(shell.run())
     finally:
         if display:
             display.close()
-        if health:
-            health.close()
+        if probe:
+            probe.close()
         if metrics:
             metrics.close()
-    _say_outcome(say, run, sup, code)
+    _say_outcome(say, run, controller)
     return code
+
+
+def _say_resumed(run: RunDir, history: History, latest: CheckpointInfo | None, log: Any,
+                 say: Any) -> None:
+    """Tell the operator how the run is resumed: after a clean stop, after the supervisor
+    gave up (and why), or after an unclean shutdown."""
+    last = history.last
+    where = (f"checkpoint {latest.ckpt_seq} ({latest.units_done} units done)"
+             if latest else "the beginning (no checkpoint yet)")
+    ckpt_seq = latest.ckpt_seq if latest else None
+    ended = last if isinstance(last, journal.Event) and last.kind in (
+        journal.EventKind.GAVE_UP, journal.EventKind.KILL_FAILED) else None
+    if ended is not None:
+        # The supervisor ended the run itself last time, and said why: no unclean shutdown.
+        say(f"resuming run {run.run_id} from {where}; last time it ended in "
+            f"{ended.kind.value}" + (f": {ended.reason}" if ended.reason else ""))
+        log.info("run.resumed", ckpt_seq=ckpt_seq, after=ended.kind.value)
+    elif history.state in ("stopped", "new") or last is None or isinstance(last, journal.Stop):
+        say(f"resuming run {run.run_id} from {where}")
+        log.info("run.resumed", ckpt_seq=ckpt_seq, after=None)
+    else:
+        say(f"run {run.run_id} recovered after an unclean shutdown (power loss or kill -9); "
+            f"resuming from {where}")
+        log.warning("run.recovered_unclean", ckpt_seq=ckpt_seq,
+                    units_done=latest.units_done if latest else 0,
+                    last_record=journal.record_type(last).value)
 
 
 def _start_metrics(run: RunDir, config: Config, log: Any, say: Any) -> RunMetrics | None:
@@ -228,22 +243,18 @@ def _start_metrics(run: RunDir, config: Config, log: Any, say: Any) -> RunMetric
     return metrics
 
 
-def _make_health(config: Config, sim_gpu: str | None, log: Any, say: Any) -> Any:
-    from nkat.supervisor.health import open_health
-
-    return open_health(config, sim_gpu, log, say)
-
-
-def _say_outcome(say: Any, run: RunDir, sup: Supervisor, code: int) -> None:
-    if sup.outcome == "completed":
+def _say_outcome(say: Any, run: RunDir, controller: RunController) -> None:
+    outcome = controller.run.outcome
+    if outcome is None:
+        return
+    if outcome.kind == "completed":
         say(f"run {run.run_id} completed: {run.result_file}")
-    elif sup.outcome == "stopped":
-        say(f"run {run.run_id} stopped at checkpoint {sup.durable_ckpt_seq}; "
+    elif outcome.kind == "stopped":
+        say(f"run {run.run_id} stopped at checkpoint {controller.run.durable.ckpt_seq}; "
             "`nkat-supervise start` resumes it")
     else:
         # Said even with --quiet: the operator must learn why the run ended.
-        why = f": {sup.outcome_reason}" if sup.outcome_reason else ""
-        print(f"nkat-supervise: run {run.run_id} {sup.outcome}{why}\n  The run is resumable: "
-              f"see `nkat-supervise logs {run.run_id}` and start it again once fixed.",
-              file=sys.stderr)
-
+        why = f": {outcome.reason}" if outcome.reason else ""
+        print(f"nkat-supervise: run {run.run_id} {outcome.kind}{why}\n  The run is "
+              f"resumable: see `nkat-supervise logs {run.run_id}` and start it again once "
+              "fixed.", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The run directory (DESIGN.md §7): where a run's spec, lock, WAL, sockets, log and result live.
+"""The run directory: where a run's spec, lock, WAL, sockets, log and result live
+(docs/architecture.md, "Run directory").
 
     state = state_dir(None)                      # $NKAT_STATE_DIR, XDG, ~/.local/state/...
     run = RunDir.create(state, run_id, spec, config)   # or RunDir.open(state, run_id)

@@ -12,6 +12,8 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from typing import IO
 
 import psutil
@@ -80,6 +82,16 @@ class WorkerProcess:
         self._partial[fd] = rest
         return [line.decode("utf-8", "replace") for line in lines]
 
+    def drain(self) -> Iterator[tuple[str, str]]:
+        """Every line left on the pipes, to EOF, as (stream, line); then close them."""
+        for fd, stream in list(self.output_fds.items()):
+            while fd in self._streams:
+                lines = self.read_lines(fd)
+                yield from ((stream, line) for line in lines)
+                if not lines and fd in self._streams:
+                    break  # nothing more for now, and no EOF: the group keeps it open
+        self.close()
+
     def poll(self) -> int | None:
         if self.returncode is None:
             self.returncode = self.proc.poll()
@@ -121,6 +133,14 @@ class WorkerProcess:
             except ValueError:
                 return f"killed by signal {-code}"
         return f"exit code {code}"
+
+    def kill_now(self, wait: float = 5.0) -> None:
+        """SIGKILL the whole group and wait (up to ``wait`` s) until it is gone."""
+        self.signal_group(signal.SIGKILL)
+        deadline = time.monotonic() + wait
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.close()
 
     def close(self) -> None:
         for _, stream in self._streams.values():

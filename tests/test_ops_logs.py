@@ -280,7 +280,7 @@ def test_follow_across_forced_rotations_loses_and_repeats_nothing(tmp_path):
 # The catalogue ------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parent.parent
 _EMIT = re.compile(r'\.(?:debug|info|warning|error|critical)\(\s*(f?)"([^"]+)"')
-_WORKER_EMIT = re.compile(r'(?:\.log\(\s*"\w+",\s*|_log_here\(\s*sock,\s*)(f?)"([^"]+)"')
+_WORKER_EMIT = re.compile(r'(?:\._?log\(\s*(?:"\w+"|\w+),\s*|_log_here\(\s*sock,\s*)(f?)"([^"]+)"')
 
 
 def emitted_events() -> set[str]:

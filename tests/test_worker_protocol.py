@@ -43,7 +43,7 @@ def test_hello_welcome_beats_done(sup):
     assert (hello.token, hello.pid, hello.epoch) == (sup.token, sup.proc.pid, 1)
     assert (hello.job, hello.proto, hello.backend, hello.device) == \
         (TOY, PROTOCOL_VERSION, "numpy", "cpu")
-    assert sup.routing_id == f"1:{sup.proc.pid}".encode()
+    assert sup.routing_id == sup.token.encode()  # the epoch's secret, not a guessable id
 
     done = sup.expect(Done)
     canonical = json.dumps(done.result, sort_keys=True, separators=(",", ":"))

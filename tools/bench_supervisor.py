@@ -412,7 +412,7 @@ def checkpoint_stall(dims: int) -> dict[str, Any]:
         backend = select_backend("auto")
         settings = Settings(checkpoint_interval=0.05)
         channel = Channel(endpoint, epoch=1, heartbeat=Heartbeat(board, 1),
-                          supervisor_pid=os.getppid())
+                          supervisor_pid=os.getppid(), routing_id=b"bench")
         channel.start(Hello(epoch=1, token="bench", pid=os.getpid(), job="nkat-highdim",
                             proto=PROTOCOL_VERSION, backend=backend.name,
                             device=backend.device))

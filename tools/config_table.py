@@ -1,4 +1,4 @@
-"""Regenerate README.md's config table from nkat.supervisor.config.KEYS.
+"""Regenerate README.md's config table from the declared settings (nkat.supervisor.config.KEYS).
 
     python tools/config_table.py          # rewrite the table between its markers
 """
@@ -20,7 +20,8 @@ def table() -> str:
             "| --- | --- | --- | --- | --- |"]
     for k in KEYS:
         default = "null" if k.default is None else json.dumps(k.default)
-        rows.append(f"| `{k.name}` | `{default}` | {k.allowed()} | {k.seed or ''} | {k.help} |")
+        seed = k.spec.seed or ""
+        rows.append(f"| `{k.name}` | `{default}` | {k.allowed()} | {seed} | {k.help} |")
     return "\n".join(rows)
 
 

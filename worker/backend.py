@@ -1,4 +1,4 @@
-"""Array backends: NumPy or CuPy, chosen once at start (DESIGN.md §5).
+"""Array backends: NumPy or CuPy, chosen once at start (docs/architecture.md).
 
 CuPy is imported only when it is chosen. Everything the runtime needs from the device
 (the memory pool limit, freeing pools, telling OOM and sticky CUDA errors apart, memory

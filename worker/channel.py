@@ -1,4 +1,5 @@
-"""The worker's one ZeroMQ socket and the I/O thread that owns it (DESIGN.md §2, §3).
+"""The worker's one ZeroMQ socket and the I/O thread that owns it
+(docs/architecture.md, "Conversation").
 
 ZeroMQ sockets are not thread-safe, so one background thread owns the DEALER. It sends
 what the main loop posts, beats on its own clock (liveness survives a main loop stuck in
@@ -6,7 +7,8 @@ a C call that releases the GIL), keeps each unacknowledged checkpoint and ``done
 resends them, watches for a vanished or silent supervisor, and hands acks, commands and
 ``welcome`` to the main loop through ``inbox``.
 
-    channel = Channel(endpoint, epoch=1, heartbeat=hb, supervisor_pid=ppid)
+    channel = Channel(endpoint, epoch=1, heartbeat=hb, supervisor_pid=ppid,
+                      routing_id=token.encode())
     channel.start(hello)                              # connect and say hello
     welcome = channel.inbox.get(timeout=30)
     channel.start_beats(settings)                     # beats, resends, silence watch
@@ -75,9 +77,12 @@ class Channel:
     """Main-thread side: post messages, read ``inbox``. Everything else is the I/O thread's."""
 
     def __init__(self, endpoint: str, *, epoch: int, heartbeat: Heartbeat,
-                 supervisor_pid: int) -> None:
+                 supervisor_pid: int, routing_id: bytes) -> None:
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._endpoint = endpoint
+        # The epoch's secret token: the supervisor accepts a message only under it, and a
+        # second connection claiming it is refused (no ROUTER handover).
+        self._routing_id = routing_id
         self._epoch = epoch
         self._heartbeat = heartbeat
         self._supervisor_pid = supervisor_pid
@@ -159,7 +164,7 @@ class Channel:
     def _serve(self) -> None:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, f"{self._epoch}:{os.getpid()}".encode())
+        sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)

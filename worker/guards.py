@@ -3,7 +3,7 @@
 A supervised worker asks the kernel to SIGKILL it when its parent dies (Linux prctl),
 then checks that its parent is still the supervisor, since the parent may have died
 before the request took effect. SIGUSR1 dumps all threads' stacks to stderr, which the
-supervisor captures before it kills a hung worker (DESIGN.md §2, §6).
+supervisor captures before it kills a hung worker (docs/architecture.md, "Spawning a worker").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The compute loop shared by supervised and standalone runs (DESIGN.md §5).
+"""The compute loop shared by supervised and standalone runs (docs/architecture.md).
 
 :class:`Runner` batches the job's units, merges their partials in unit order, and between
 batches, at unit boundaries, obeys commands, hands snapshots over for checkpoints and

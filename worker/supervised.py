@@ -135,7 +135,7 @@ def run(environ: Mapping[str, str]) -> int:
         backend_error = str(exc)  # reported in a fail once welcome has made us known
     board = Board()
     channel = Channel(env.endpoint, epoch=env.epoch, heartbeat=Heartbeat(board, env.epoch),
-                      supervisor_pid=env.supervisor_pid)
+                      supervisor_pid=env.supervisor_pid, routing_id=env.token.encode())
     channel.start(Hello(epoch=env.epoch, token=env.token, pid=os.getpid(), job=env.job,
                         proto=PROTOCOL_VERSION,
                         backend=backend.name if backend else env.backend,

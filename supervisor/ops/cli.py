@@ -1,4 +1,4 @@
-"""``nkat-supervise``: the command line (DESIGN.md §8).
+"""``nkat-supervise``: the command line (README, "Command line").
 
 Each subcommand is one function ``cmd_<name>(args) -> exit code``. Exit codes: 0 done,
 1 a check failed (verify) or nothing to show, 2 usage or config error, 3 gave up,
@@ -18,11 +18,10 @@ from typing import Any
 
 from nkat.supervisor import control
 from nkat.supervisor.config import KEYS, ConfigError, load_config
+from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.ops import logview, report, service
 from nkat.supervisor.ops.stdout import silence_stdout
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
-
-EXIT_USAGE = 2
 
 
 class UsageError(Exception):
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return EXIT_USAGE
+        return ExitCode.USAGE
     code = 0  # a command its reader cut short ends as if it had finished (as `logs` does)
     try:
         code = int(args.func(args))
@@ -45,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except (UsageError, ConfigError, RunDirError) as exc:
         print(f"nkat-supervise: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except OSError as exc:  # an unusable --state-dir, a file we may not read ...
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"nkat-supervise: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         return 130
 
@@ -149,7 +148,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                                 boot=args.boot)
     if run is None:
         print("nkat-supervise: no run was running when the machine went down; nothing to do")
-        return 0
+        return ExitCode.OK
     if args.detach:
         return _detach(args, run)
     return launch_run(run, config, how=how, quiet=args.quiet, sim_gpu=args.sim_gpu,
@@ -185,12 +184,12 @@ def _detach(args: argparse.Namespace, run: RunDir) -> int:
         # Ready once it holds the lock and answers on its control socket.
         if run.holder_pid() == child.pid and (run.sock_dir / "control").exists():
             print(run.run_id)
-            return 0
+            return ExitCode.OK
         time.sleep(0.05)
     print(run.run_id)
     print(f"nkat-supervise: the supervisor (pid {child.pid}) has not confirmed it is ready; "
           f"check `nkat-supervise status {run.run_id}`", file=sys.stderr)
-    return 0
+    return ExitCode.OK
 
 
 # Talking to a live supervisor -------------------------------------------------------------
@@ -221,9 +220,9 @@ def cmd_control(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not reply.get("ok"):
         print(f"nkat-supervise: {reply.get('error')}", file=sys.stderr)
-        return 1
+        return ExitCode.CHECK_FAILED
     print(f"{run.run_id}: {reply.get('message', 'ok')}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -245,7 +244,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     value = f"{value:.1%}"
                 print(f"{key:>18}: {'-' if value is None else value}", flush=True)
         if not args.watch:
-            return 0
+            return ExitCode.OK
         time.sleep(max(0.1, args.interval))
 
 
@@ -270,7 +269,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         for r in rows:
             prog = "-" if r["progress"] is None else f"{r['progress']:.1%}"
             print(f"{r['run_id']:<34} {r['state']:<12} {prog:>7}  {r['job']}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
@@ -287,7 +286,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["t_wall"]))
             print(f"seq {r['ckpt_seq']:>6}  epoch {r['epoch']:>4}  units {r['units_done']:>10}"
                   f"  {when}  {r['size']:>9} B  verified")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -303,7 +302,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
               f"records, {report['checkpoints']} checkpoints")
         if report.get("problem"):
             print(f"  first problem: {report['problem']}")
-    return 0 if report["ok"] else 1
+    return ExitCode.OK if report["ok"] else ExitCode.CHECK_FAILED
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -311,20 +310,20 @@ def cmd_results(args: argparse.Namespace) -> int:
     result = run.read_result()
     if result is None:
         print(f"{run.run_id}: no result yet", file=sys.stderr)
-        return 1
+        return ExitCode.CHECK_FAILED
     print(json.dumps(result, indent=2, sort_keys=True))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     if args.json:
         print(json.dumps({k.name: {"value": config[k.name], "source": config.source(k.name),
-                                   "role": k.role} for k in KEYS}, indent=2))
-        return 0
+                                   "role": k.role.value} for k in KEYS}, indent=2))
+        return ExitCode.OK
     for key in KEYS:
         print(f"{key.name:<24} {json.dumps(config[key.name]):<22} {config.source(key.name)}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_gpu(args: argparse.Namespace) -> int:

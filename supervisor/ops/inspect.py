@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from nkat.supervisor import control
+from nkat.supervisor import control, journal
 from nkat.supervisor.ops.logview import read_log
 from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.wal import Record, RecordType, WalError
@@ -30,37 +30,41 @@ class History:
     """What a log says about its run, from one pass over its records."""
 
     state: str  # new | interrupted | stopped | gave_up | completed
-    last: Record | None  # the last record that is not run or seal
-    done: Record | None  # the done record, wherever it stands
+    last: journal.Entry | None  # the last record that is not run or seal
+    done: journal.Done | None  # the done record, wherever it stands
     epoch: int  # the newest epoch any record names
+    restarts: int  # the run's restarts so far, as its records count them
 
 
 def summarize(records: Iterable[Record]) -> History:
     """The run's state from its records. The epoch is taken from checkpoints and events
     too, not only ``epoch`` records: retention may have removed the segment holding the
-    newest ``epoch`` record, and an epoch number must never be reused (fencing)."""
-    last = done = None
-    epoch = 0
+    newest ``epoch`` record, and an epoch number must never be reused (fencing). The
+    restart count likewise rides on epochs, checkpoints and restart events."""
+    last: journal.Entry | None = None
+    done: journal.Done | None = None
+    epoch = restarts = 0
     for rec in records:
         if rec.type in (RecordType.RUN, RecordType.SEAL):
             continue
-        last = rec
-        if rec.type is RecordType.DONE:
-            done = rec
-        value = rec.payload.get("epoch")
+        entry = last = journal.read(rec)
+        if isinstance(entry, journal.Done):
+            done = entry
+        value = getattr(entry, "epoch", None)
         if isinstance(value, int) and not isinstance(value, bool):
             epoch = max(epoch, value)
+        restarts = max(restarts, journal.restarts_of(entry))
     if done is not None:
         state = "completed"  # events may follow done (a lingering kill): still complete
     elif last is None:
         state = "new"
-    elif last.type is RecordType.STOP:
-        state = "stopped" if last.payload.get("desired") == "stopped" else "interrupted"
-    elif last.type is RecordType.EVENT and last.payload.get("kind") == "gave_up":
+    elif isinstance(last, journal.Stop):
+        state = "stopped" if last.desired is journal.Desired.STOPPED else "interrupted"
+    elif isinstance(last, journal.Event) and last.kind is journal.EventKind.GAVE_UP:
         state = "gave_up"
     else:
         state = "interrupted"
-    return History(state, last, done, epoch)
+    return History(state, last, done, epoch, restarts)
 
 
 def run_state_from_disk(run: RunDir, history: History | None = None) -> str:
@@ -122,6 +126,8 @@ def _disk_status(run: RunDir) -> dict[str, Any]:
         status["last_checkpoint_wall"] = latest["t_wall"]
     if "epoch" not in stored:  # status.json lost or never written: the WAL knows
         status["epoch"] = history.epoch
+    # The WAL counts restarts across supervisors; status.json may predate the last ones.
+    status["restarts"] = max(history.restarts, _count(stored.get("restarts")))
     if state == "completed":
         _show_completed(run, status)
         return status
@@ -155,6 +161,10 @@ def _logged_units_total(run: RunDir) -> int | None:
     except OSError:
         pass  # an unreadable log: the count stays unknown, never a guess
     return total
+
+
+def _count(value: Any) -> int:
+    return value if _is_count(value) else 0
 
 
 def _is_count(value: Any) -> bool:

@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.ops.stdout import silence_stdout
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
 
@@ -351,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     log_run = resolve_run(state_dir(args.state_dir), args.run)
     if not args.follow and not any(log_run.log_dir.glob(log_run.log_file.name + "*")):
         print(f"nkat-supervise: run {log_run.run_id} has no log yet", file=sys.stderr)
-        return 1
+        return ExitCode.CHECK_FAILED
     keep = LineFilter(args.level, args.event, args.since)
     colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     printer = Printer(sys.stdout, raw=args.json, colour=colour)
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
         silence_stdout()  # the reader went away (| head): stop quietly
     finally:
         reader.close()
-    return 0
+    return ExitCode.OK
 
 
 def _select(raws: Iterable[bytes], keep: LineFilter) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -171,6 +171,18 @@ class RunMetrics:
     def protocol_error(self) -> None:
         self.protocol_errors.inc()
 
+    def count(self, metric: str, value: float = 1.0, label: str = "") -> None:
+        """One of the run loop's counts by name (``controller.Metric``): ``beat``,
+        ``restart`` (label: why), ``checkpoint_acked`` (value: seconds), ``protocol_error``."""
+        if metric == "beat":
+            self.beat(self.clock())
+        elif metric == "restart":
+            self.restart(label)
+        elif metric == "checkpoint_acked":
+            self.checkpoint_acked(value)
+        elif metric == "protocol_error":
+            self.protocol_error()
+
     def _heartbeat_age(self) -> float:
         if self._last_beat is None:
             return math.nan

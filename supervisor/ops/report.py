@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.ops.logview import line_time, read_log, resolve_run
 from nkat.supervisor.rundir import RunDir, state_dir
 
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("nkat-supervise: error: report needs matplotlib; install the extra: "
               "pip install 'nkat-supervise[report]'", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     the_run = resolve_run(state_dir(args.state_dir), args.run)
     out: Path = args.out or Path(f"report-{the_run.run_id}")
     out.mkdir(parents=True, exist_ok=True)
@@ -297,4 +298,4 @@ def write_report(run: RunDir, out: Path, figure_cls: Any) -> int:
         print(out / name)
     for note in notes:
         print(f"  {note}", file=sys.stderr)
-    return 0
+    return ExitCode.OK

@@ -16,13 +16,14 @@ import pwd
 import sys
 from pathlib import Path
 
+from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.rundir import atomic_write, state_dir
 
 UNIT_NAME = "nkat-supervise.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 # Exit codes of `start` that a restart cannot fix: usage/config error, gave up
 # (crash loop, fatal job error, GPU needs reset), stopped by the operator.
-NO_RESTART_CODES = (2, 3, 4)
+NO_RESTART_CODES = (ExitCode.USAGE, ExitCode.GAVE_UP, ExitCode.STOPPED)
 STOP_TIMEOUT_S = 60  # > stop_deadline (10 s) + term_grace (5 s) at their defaults
 PERSISTENCED = "nvidia-persistenced.service"
 _UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"),
@@ -58,7 +59,7 @@ def render_unit(*, state: Path, python: str, user_unit: bool, run_as: str | None
         "ExecStart=" + " ".join(_quote(a) for a in argv),
         "Restart=on-failure",
         "RestartSec=10",
-        "RestartPreventExitStatus=" + " ".join(map(str, NO_RESTART_CODES)),
+        "RestartPreventExitStatus=" + " ".join(str(int(c)) for c in NO_RESTART_CODES),
         # An operator stop (systemctl stop sends SIGTERM: exit 4) is a clean end.
         "SuccessExitStatus=4",
         "KillSignal=SIGTERM",
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                        persistenced=any((d / PERSISTENCED).exists() for d in _UNIT_DIRS))
     if args.print_only:
         sys.stdout.write(text)
-        return 0
+        return ExitCode.OK
     path = unit_path(args.user)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,11 +123,11 @@ def run(args: argparse.Namespace) -> int:
     except PermissionError:
         print(f"nkat-supervise: error: cannot write {path}: permission denied; run as root "
               "(sudo) or use --user", file=sys.stderr)
-        return 1
+        return ExitCode.CHECK_FAILED
     scope = "--user " if args.user else ""
     print(f"wrote {path}")
     print(f"enable and start it with:\n  systemctl {scope}daemon-reload\n"
           f"  systemctl {scope}enable --now {UNIT_NAME}")
     if args.user:
         print(f"to run it at boot without logging in:\n  loginctl enable-linger {user_name}")
-    return 0
+    return ExitCode.OK

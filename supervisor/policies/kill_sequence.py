@@ -19,10 +19,11 @@ Where a sequence starts depends on the reason (:func:`first_step`):
   A stalled worker still beats, so it reads its socket, and its main loop may yet come
   back from a long kernel in time to save its progress.
 - TERM (unresponsive, start-up timeout, Xid, GPU reset, operator "stop now", WAL
-  failure): skip ``cmd stop``. An unresponsive worker reads no commands (typically a hang
-  with the GIL held); before the first progress there is nothing to save; after an Xid
-  the device memory behind a checkpoint is suspect; after a WAL failure no checkpoint
-  can be made durable; an operator asking twice does not want to wait.
+  failure, a protocol violation): skip ``cmd stop``. An unresponsive worker reads no
+  commands (typically a hang with the GIL held); before the first progress there is
+  nothing to save; after an Xid the device memory behind a checkpoint is suspect; after
+  a WAL failure no checkpoint can be made durable; an operator asking twice does not
+  want to wait; a worker that broke the protocol is not trusted with a final checkpoint.
 - KILL (thermal emergency; a leader that exited while its group or GPU context lingers):
   SIGKILL at once, no dump, no grace.
 
@@ -35,7 +36,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from nkat.protocol.settings import Role, setting
 from nkat.supervisor.policies.settings import FromConfig
+
+_S = Role.SUPERVISOR
 
 
 class KillReason(enum.StrEnum):
@@ -56,6 +60,7 @@ class KillReason(enum.StrEnum):
     GPU_RESET = "gpu_reset"
     WAL_FAILED = "wal_failed"
     LINGERING = "lingering"
+    PROTOCOL_VIOLATION = "protocol_violation"
 
 
 class Action(enum.StrEnum):
@@ -90,10 +95,14 @@ class KillSettings(FromConfig):
         the GPU before the supervisor declares ``kill_failed``.
     """
 
-    stop_deadline: float = 10.0
-    term_grace: float = 5.0
+    stop_deadline: float = setting(10.0, "seconds a worker has to obey cmd stop", role=_S,
+                                   low=0.1, high=3600)
+    term_grace: float = setting(5.0, "seconds between SIGTERM and SIGKILL", role=_S, low=0.1,
+                                high=3600)
     dump_grace: float = 1.0
-    kill_confirm: float = 5.0
+    kill_confirm: float = setting(
+        5.0, "seconds after SIGKILL for the worker and its GPU context to be gone (else "
+        "kill_failed)", role=_S, low=0.1, high=3600)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -112,6 +121,7 @@ _FIRST_STEP = {
     KillReason.XID_RESTART: Step.TERM,
     KillReason.GPU_RESET: Step.TERM,
     KillReason.WAL_FAILED: Step.TERM,
+    KillReason.PROTOCOL_VIOLATION: Step.TERM,
     KillReason.THERMAL_EMERGENCY: Step.KILL,
     KillReason.LINGERING: Step.KILL,
 }

@@ -8,7 +8,7 @@
                    power.update(now, watts, enforced_limit_w)):
         ...                                           # None, or a ResourceAction
 
-Pure: times are passed in. The rules (DESIGN §6):
+Pure: times are passed in. The rules:
 
 - GPU memory used/total ≥ ``memory_high_water`` → ``free_memory``, at most once per
   ``free_memory_interval``. The worker frees its pools; if memory stays high the next
@@ -29,7 +29,10 @@ import dataclasses
 import enum
 from collections import deque
 
+from nkat.protocol.settings import Role, setting
 from nkat.supervisor.policies.settings import FromConfig
+
+_S = Role.SUPERVISOR
 
 _MB = 1024 * 1024
 
@@ -48,12 +51,18 @@ class ResourceSettings(FromConfig):
     power_warn_interval: least seconds between two power warnings.
     """
 
-    memory_high_water: float = 0.95
+    memory_high_water: float = setting(
+        0.95, "GPU memory fraction at which the worker is told to free memory", role=_S,
+        low=0.5, high=1.0)
     free_memory_interval: float = 30.0
-    leak_rss_growth_mb: float = 1024.0
-    leak_window: float = 600.0
+    leak_rss_growth_mb: int = setting(
+        1024, "worker RSS growth (MB) within leak_window that triggers a planned restart",
+        role=_S, low=1, high=2**31)
+    leak_window: float = setting(600.0, "window (s) for leak_rss_growth_mb", role=_S, low=1,
+                                 high=864000)
     leak_warmup: float = 60.0
-    power_limit: float | None = None
+    power_limit: float | None = setting(None, "warn at 95% of this many watts", role=_S, low=1,
+                                        high=100000, seed="power_limit")
     power_high_water: float = 0.95
     power_warn_interval: float = 300.0
 

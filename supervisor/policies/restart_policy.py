@@ -7,16 +7,17 @@
                                                killed_for=KillReason.STALLED))
     decision.action, decision.delay, decision.reason, decision.exit_class, decision.next_state
 
-Rules (DESIGN §6):
+Rules:
 
 - Exit classes, first match wins: ``completed`` (the done record is durable);
   ``gpu_reset`` (killed for Xid 48/79/95 or a lost GPU); ``fatal`` (a ``fail`` with
   fatal=True or exit code FATAL: restarting would fail the same way); then what the
   supervisor killed it for: ``stopped`` (operator, WAL failure), ``thermal``, ``planned``
-  (leak restart at a durable checkpoint), ``hung`` (watchdog), ``crashed`` (Xid 13/31/43);
-  then ``oom`` (exit code OOM or a ``fail`` of kind "oom"); everything else ``crashed``
-  (signals, GPU_STICKY, ORPHANED, STARTUP, a STOPPED nobody asked for, DONE without a
-  durable done record). A kill for a lingering group classifies by the exit itself.
+  (leak restart at a durable checkpoint), ``hung`` (watchdog), ``crashed`` (Xid 13/31/43,
+  a protocol violation); then ``oom`` (exit code OOM or a ``fail`` of kind "oom");
+  everything else ``crashed`` (signals, GPU_STICKY, ORPHANED, STARTUP, a STOPPED nobody
+  asked for, DONE without a durable done record). A kill for a lingering group
+  classifies by the exit itself.
 - Durable progress: a durable checkpoint newer than the one the worker resumed.
   Only ``hung``, ``oom`` and ``crashed`` count as crashes.
 - Backoff: the k-th consecutive crash restarts after a delay drawn uniformly from
@@ -42,10 +43,13 @@ import signal
 from collections import deque
 
 from nkat.protocol import exitcodes
+from nkat.protocol.settings import Role, setting
 from nkat.supervisor.policies.kill_sequence import KillReason
 from nkat.supervisor.policies.lifecycle import WorkerState
 from nkat.supervisor.policies.settings import FromConfig
 from nkat.supervisor.policies.xid import GPU_RESET_ADVICE
+
+_S = Role.SUPERVISOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +64,17 @@ class RestartSettings(FromConfig):
     poison_after: crashes before passing the same resumed checkpoint that condemn it.
     """
 
-    restart_delay: float = 0.25
-    restart_delay_max: float = 60.0
-    max_restarts: int = 5
-    restart_window: float = 600.0
-    stable_after: float = 60.0
-    poison_after: int = 3
+    restart_delay: float = setting(0.25, "first restart backoff (s)", role=_S, low=0, high=3600)
+    restart_delay_max: float = setting(60.0, "largest restart backoff (s)", role=_S, low=0,
+                                       high=86400)
+    max_restarts: int = setting(
+        5, "crash restarts allowed in restart_window; durable progress forgives them", role=_S,
+        low=0, high=10000)
+    restart_window: float = setting(600.0, "crash-loop window (s)", role=_S, low=1, high=864000)
+    stable_after: float = setting(60.0, "uptime after which backoff resets (s)", role=_S, low=0,
+                                  high=86400)
+    poison_after: int = setting(3, "deaths before passing one checkpoint = poison", role=_S,
+                                low=1, high=1000)
 
     def __post_init__(self) -> None:
         if not 0 <= self.restart_delay <= self.restart_delay_max:
@@ -136,6 +145,7 @@ _KILLED_CLASS = {
     KillReason.STALLED: ExitClass.HUNG,
     KillReason.STARTUP_TIMEOUT: ExitClass.HUNG,
     KillReason.XID_RESTART: ExitClass.CRASHED,
+    KillReason.PROTOCOL_VIOLATION: ExitClass.CRASHED,
 }
 
 

@@ -46,7 +46,10 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
+from nkat.protocol.settings import Role, setting
 from nkat.supervisor.policies.settings import FromConfig
+
+_S = Role.SUPERVISOR
 
 # NVML clocks event (throttle) reason bits, as in nvml.h.
 HW_SLOWDOWN = 0x8
@@ -71,12 +74,18 @@ class ThermalSettings(FromConfig):
     nvml_margin: degrees kept below the GPU's own slowdown and shutdown thresholds.
     """
 
-    target_temperature: float = 75.0
-    thermal_throttle_temp: float = 80.0
-    max_temperature: float = 83.0
-    emergency_temp: float = 85.0
-    thermal_samples: int = 3
-    thermal_dwell: float = 60.0
+    target_temperature: float = setting(75.0, "resume/unthrottle at or below (C)", role=_S,
+                                        low=20, high=120, seed="target_temperature")
+    thermal_throttle_temp: float = setting(80.0, "throttle at or above (C)", role=_S, low=20,
+                                           high=120, seed="thermal_throttle_temp")
+    max_temperature: float = setting(83.0, "checkpoint, stop and cool down at (C)", role=_S,
+                                     low=20, high=120, seed="max_temperature")
+    emergency_temp: float = setting(85.0, "kill at once at (C)", role=_S, low=20, high=130,
+                                    seed="emergency_temp")
+    thermal_samples: int = setting(3, "consecutive readings before escalating", role=_S, low=1,
+                                   high=100)
+    thermal_dwell: float = setting(60.0, "seconds at or below target before resuming", role=_S,
+                                   low=0, high=86400)
     duty_floor: float = 0.25
     duty_step: float = 0.1
     nvml_margin: float = 2.0

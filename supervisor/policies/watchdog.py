@@ -7,7 +7,7 @@
     if (verdict := dog.check(clock())) is not None:      # kill for verdict.kill_reason
         ...
 
-Pure: every time is a monotonic ``now`` passed in. The rules (DESIGN §6):
+Pure: every time is a monotonic ``now`` passed in. The rules:
 
 - Liveness. Once the worker has sent anything, no message of any kind for
   ``heartbeat_timeout`` → ``unresponsive``. Before its first message only the start-up
@@ -39,8 +39,11 @@ import enum
 import math
 from collections import deque
 
+from nkat.protocol.settings import Role, setting
 from nkat.supervisor.policies.kill_sequence import KillReason
 from nkat.supervisor.policies.settings import FromConfig
+
+_S = Role.SUPERVISOR
 
 #: How many recent batch times the adaptive stall deadline looks at.
 BATCH_WINDOW = 256
@@ -61,11 +64,16 @@ class WatchdogSettings(FromConfig):
     startup_timeout: from spawn to the first progress (handshake, restore, first batch).
     """
 
-    heartbeat_timeout: float = 10.0
-    stall_timeout_min: float = 30.0
-    stall_timeout_max: float = 600.0
-    stall_factor: float = 10.0
-    startup_timeout: float = 120.0
+    heartbeat_timeout: float = setting(10.0, "no message this long: unresponsive", role=_S,
+                                       low=0.5, high=3600)
+    stall_timeout_min: float = setting(30.0, "floor of the adaptive stall deadline", role=_S,
+                                       low=0.5, high=86400)
+    stall_timeout_max: float = setting(600.0, "cap of the adaptive stall deadline", role=_S,
+                                       low=0.5, high=86400)
+    stall_factor: float = setting(10.0, "stall deadline = factor x p99 batch time", role=_S,
+                                  low=1, high=1000)
+    startup_timeout: float = setting(120.0, "start-up and first batch deadline", role=_S,
+                                     low=1, high=86400)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

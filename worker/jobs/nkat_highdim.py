@@ -1,4 +1,4 @@
-"""The NKAT high-dimension analysis, job ``nkat-highdim`` (DESIGN.md §5).
+"""The NKAT high-dimension analysis, job ``nkat-highdim`` (README, "The NKAT job").
 
 For every integer N in [min_dimension, max_dimension], each once,
 

@@ -1,0 +1,1264 @@
+"""The run controller: every decision of a supervised run, and no I/O.
+
+The shell (``supervise.py``) turns what happens into typed inputs and carries out the
+typed effects this returns; the policies (``policies/``) are called from here and from
+nowhere else in the product. docs/architecture.md draws the whole shape.
+
+    ctl = RunController(config, RunFacts(run_id, spec, epoch=0, durable=None), gpus, rng)
+    effects = ctl.handle(Start(mono=0.0))
+    effects = ctl.handle(WorkerSpawned("w0", epoch=1, pid=4242, token="…", mono=0.01))
+    effects = ctl.handle(WorkerMessage(b"…", Hello(…), mono=0.3))   # -> LoadCheckpoint
+    effects = ctl.handle(Tick(mono=1.0, wall=1.7e9, processes={"w0": ProcessView(None)}))
+
+Inputs: :class:`Start`, :class:`Tick` (both clocks and what the shell saw of each worker
+process), :class:`WorkerMessage` / :class:`MalformedMessage`, :class:`WorkerSpawned` /
+:class:`SpawnFailed`, :class:`CheckpointLoaded`, :class:`ControlRequest`,
+:class:`SignalReceived`, :class:`HealthReading`, :class:`Appended` (a WAL append's result).
+
+Effects: :class:`Append` / :class:`AppendCheckpoint` (the shell answers with Appended,
+carrying the effect's ``then``), :class:`Send`, :class:`SignalWorker`, :class:`Spawn`,
+:class:`LoadCheckpoint`, :class:`ReleaseWorker`, :class:`Reply`, :class:`WriteStatus`,
+:class:`WriteResult`, :class:`Publish`, :class:`Log`, :class:`Count`, :class:`QuietDisplay`,
+:class:`Finish`. The shell performs effects in order; an effect that produces an input
+(an append, a spawn, a checkpoint load) has that input handled at once and its effects
+performed before the rest.
+
+The run's state is one record, :class:`RunState`, with one :class:`WorkerSlot` per worker
+(keyed by id; the command line runs one, ``w0``). Time comes only from inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from nkat.protocol import messages as m
+from nkat.protocol.settings import Role
+from nkat.supervisor.config import Config
+from nkat.supervisor.exitcode import ExitCode
+from nkat.supervisor.journal import (
+    CheckpointMeta,
+    Desired,
+    Done,
+    Epoch,
+    Event,
+    EventKind,
+    SpawnReason,
+    Stop,
+)
+from nkat.supervisor.policies.kill_sequence import Action, KillReason, KillSequence, KillSettings
+from nkat.supervisor.policies.lifecycle import WorkerState, can_transition, check_transition
+from nkat.supervisor.policies.resources import LeakWatch, MemoryWatch, PowerWatch, ResourceSettings
+from nkat.supervisor.policies.restart_policy import (
+    Decision,
+    ExitInfo,
+    RestartAction,
+    RestartPolicy,
+    RestartSettings,
+)
+from nkat.supervisor.policies.thermal import (
+    ThermalActionKind,
+    ThermalLadder,
+    ThermalSettings,
+)
+from nkat.supervisor.policies.watchdog import Watchdog, WatchdogSettings
+from nkat.supervisor.policies.xid import XidAction, classify_event, classify_gpu_lost
+
+if TYPE_CHECKING:  # the sensor's value types only: the controller never reads a GPU
+    from nkat.supervisor.gpu.sensor import Reading, Thresholds, XidEvent
+
+#: How often status is written (s).
+STATUS_EVERY_S = 1.0
+#: The id of the one worker the command line runs.
+SOLE_WORKER = "w0"
+#: Beats kept per worker for the log of a kill.
+LAST_BEATS = 5
+#: Checkpoint ack latencies kept for the status's median.
+ACK_WINDOW = 256
+NKAT_JOB = "nkat-highdim"
+
+
+# Inputs ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Begin: spawn the first worker."""
+
+    mono: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessView:
+    """What the shell saw of one worker's processes this turn.
+
+    returncode: None while the leader runs, else as ``Popen.returncode``. how: the exit in
+    words ("killed by SIGKILL"). group_alive: a process of its group is not yet gone (the
+    leader included). gpu_holds: the GPU still lists its pid as holding a context."""
+
+    returncode: int | None
+    how: str = "running"
+    group_alive: bool = True
+    gpu_holds: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Tick:
+    """A turn of the loop: the clocks, and each spawned worker's processes."""
+
+    mono: float
+    wall: float
+    processes: Mapping[str, ProcessView] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerMessage:
+    """A decoded message from the worker socket, with the routing id it came under."""
+
+    routing_id: bytes
+    msg: m.Message
+    mono: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MalformedMessage:
+    """A frame on the worker socket that did not decode."""
+
+    routing_id: bytes
+    reason: str
+    mono: float
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpawned:
+    worker: str
+    epoch: int
+    pid: int
+    token: str  # the epoch's secret: hello carries it, and it is the routing id
+    mono: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SpawnFailed:
+    worker: str
+    epoch: int
+    error: str
+    mono: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLoaded:
+    """The newest durable checkpoint, read for a worker's welcome (or why it could not
+    be read)."""
+
+    worker: str
+    epoch: int
+    resume: m.Resume | None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlRequest:
+    """A decoded request on the control socket; ``ref`` is the shell's, echoed in Reply."""
+
+    ref: Any
+    op: str
+    mono: float
+
+
+class RunSignal(enum.StrEnum):
+    TERM = "SIGTERM"
+    INT = "SIGINT"
+    HUP = "SIGHUP"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalReceived:
+    signal: RunSignal
+    mono: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthReading:
+    """One poll of one GPU: the reading, Xid events and sensor notes since the last poll,
+    and the resident memory of each worker pid computing on it."""
+
+    gpu: int
+    reading: Reading
+    events: Sequence[XidEvent] = ()
+    notes: Sequence[str] = ()
+    worker_rss: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    mono: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Appended:
+    """A WAL append's result; ``then`` is the effect's, handed back."""
+
+    then: Any
+    ok: bool
+    t_wall: float
+    seconds: float = 0.0
+    error: str | None = None
+    advice: str | None = None
+
+
+Input = (Start | Tick | WorkerMessage | MalformedMessage | WorkerSpawned | SpawnFailed
+         | CheckpointLoaded | ControlRequest | SignalReceived | HealthReading | Appended)
+
+
+# Effects -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Append:
+    """Append a record (durable before the shell goes on); answer with Appended."""
+
+    record: Epoch | Event | Done | Stop
+    then: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendCheckpoint:
+    meta: CheckpointMeta
+    state: bytes
+    then: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    worker: str
+    msg: m.Message
+
+
+class Sig(enum.StrEnum):
+    DUMP = "SIGUSR1"  # to the worker's pid: faulthandler dumps every thread's stack
+    TERM = "SIGTERM"  # to its process group
+    KILL = "SIGKILL"  # to its process group
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalWorker:
+    worker: str
+    signal: Sig
+
+
+@dataclasses.dataclass(frozen=True)
+class Spawn:
+    """Start a worker process; answer with WorkerSpawned or SpawnFailed."""
+
+    worker: str
+    epoch: int
+    backend: str
+    job: str
+    gpu_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadCheckpoint:
+    """Read the newest durable checkpoint; answer with CheckpointLoaded."""
+
+    worker: str
+    epoch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseWorker:
+    """The worker is gone: read its output to the end and close its pipes."""
+
+    worker: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    ref: Any
+    reply: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteStatus:
+    status: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteResult:
+    result: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Publish:
+    """A line for ``sock/events`` subscribers."""
+
+    payload: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Log:
+    level: str
+    event: str
+    fields: dict[str, Any]
+
+
+class Metric(enum.StrEnum):
+    BEAT = "beat"
+    RESTART = "restart"  # label: the exit class, or "thermal"
+    CHECKPOINT_ACKED = "checkpoint_acked"  # value: seconds
+    PROTOCOL_ERROR = "protocol_error"
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    metric: Metric
+    value: float = 1.0
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuietDisplay:
+    """The terminal went away: stop the progress line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    code: ExitCode
+    outcome: str
+    reason: str | None
+
+
+Effect = (Append | AppendCheckpoint | Send | SignalWorker | Spawn | LoadCheckpoint
+          | ReleaseWorker | Reply | WriteStatus | WriteResult | Publish | Log | Count
+          | QuietDisplay | Finish)
+
+
+# Continuations of appends (what to do once a record is durable) ---------------------------
+@dataclasses.dataclass(frozen=True)
+class _SpawnAfterEpoch:
+    worker: str
+    epoch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckpointDurable:
+    worker: str
+    epoch: int
+    ckpt_seq: int
+    units_done: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _DoneDurable:
+    worker: str
+    epoch: int
+    result: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _StopDurable:
+    reason: str
+    desired: Desired
+
+
+# The run's state ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Durable:
+    """The newest durable checkpoint."""
+
+    ckpt_seq: int = 0
+    units_done: int = 0
+    t_wall: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFacts:
+    """What the shell knows of the run when the controller starts: its id and spec, the
+    newest epoch its WAL names (never reused), its newest durable checkpoint, and how
+    many restarts it has had."""
+
+    run_id: str
+    spec: Mapping[str, Any]
+    epoch: int = 0
+    durable: Durable = Durable()
+    restarts: int = 0
+    result_path: str = ""  # where the shell writes the result (named in run.completed)
+    supervisor_pid: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
+    """A GPU the sensor opened: its NVML index, where readings come from, its limits."""
+
+    index: int
+    source: str
+    thresholds: Thresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRequest:
+    why: str
+    desired: Desired
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    kind: str  # completed | stopped | gave_up | kill_failed | wal_failed
+    code: ExitCode
+    reason: str | None
+
+
+class HealthActionKind(enum.StrEnum):
+    """What a GPU reading asks of the worker on that GPU."""
+
+    THROTTLE = "throttle"
+    FREE_MEMORY = "free_memory"
+    THERMAL_STOP = "thermal_stop"
+    THERMAL_KILL = "thermal_kill"
+    XID_RESTART = "xid_restart"
+    GPU_RESET = "gpu_reset"
+    LEAK = "leak"
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthAction:
+    kind: HealthActionKind
+    reason: str
+    duty: float = 1.0
+
+
+#: The durable event and the kill reason of each health action that ends a worker.
+_HEALTH_KILL: Mapping[HealthActionKind, tuple[EventKind, KillReason]] = {
+    HealthActionKind.THERMAL_STOP: (EventKind.THERMAL_STOP, KillReason.THERMAL_STOP),
+    HealthActionKind.THERMAL_KILL: (EventKind.THERMAL_KILL, KillReason.THERMAL_EMERGENCY),
+    HealthActionKind.XID_RESTART: (EventKind.XID_RESTART, KillReason.XID_RESTART),
+    HealthActionKind.GPU_RESET: (EventKind.GPU_RESET, KillReason.GPU_RESET),
+    HealthActionKind.LEAK: (EventKind.LEAK, KillReason.LEAK),
+}
+
+#: Which kill reason wins when a second one arrives during a kill: the exit is classified
+#: by the gravest (a GPU needing a reset must not be restarted as a mere hang).
+_SEVERITY: Mapping[KillReason, int] = {
+    KillReason.GPU_RESET: 5, KillReason.WAL_FAILED: 4, KillReason.XID_RESTART: 3,
+    KillReason.THERMAL_EMERGENCY: 2, KillReason.THERMAL_STOP: 1}
+
+_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
+_RESERVED = frozenset({"event", "level", "ts", "run_id", "component", "epoch"})
+
+
+@dataclasses.dataclass
+class GpuState:
+    """One GPU's policies and last reading."""
+
+    info: GpuInfo
+    ladder: ThermalLadder
+    memory: MemoryWatch
+    power: PowerWatch
+    next_log: float = 0.0
+    last: Reading | None = None
+    lost_reported: bool = False
+    leaks: dict[int, LeakWatch] = dataclasses.field(default_factory=dict)  # by worker pid
+
+    def snapshot(self) -> dict[str, Any]:
+        r = self.last
+        return {
+            "index": self.info.index,
+            "source": self.info.source,
+            "thermal_state": self.ladder.state.value,
+            "duty": self.ladder.duty,
+            "temperature": r.temperature if r else None,
+            "memory_fraction": r.memory_fraction if r else None,
+            "power_w": r.power_w if r else None,
+            "utilization_pct": r.utilization_pct if r else None,
+            "lost": r.lost if r else None,
+        }
+
+
+@dataclasses.dataclass
+class WorkerSlot:
+    """One worker position: the incarnation in it now (epoch, pid) and its policies."""
+
+    id: str
+    gpu_index: int
+    policy: RestartPolicy
+    state: WorkerState = WorkerState.IDLE
+    epoch: int = 0
+    pid: int | None = None
+    token: str = ""
+    spawn_reason: SpawnReason = SpawnReason.START
+    backend: str | None = None  # what the worker's hello said it computes with
+    device: str | None = None
+    watchdog: Watchdog | None = None
+    kill: KillSequence | None = None
+    kill_reason: KillReason | None = None
+    resume_at: float | None = None
+    last_beat: m.Beat | None = None
+    last_fail: m.Fail | None = None
+    last_beats: collections.deque[dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=LAST_BEATS))
+
+    @property
+    def routing_id(self) -> bytes:
+        return self.token.encode()
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything the controller knows, in one record."""
+
+    run_id: str
+    spec: Mapping[str, Any]
+    workers: dict[str, WorkerSlot]
+    gpus: dict[int, GpuState]
+    epoch: int  # the newest epoch ever started (epochs are never reused)
+    durable: Durable
+    restarts: int = 0
+    done_recorded: bool = False
+    wal_failed: bool = False
+    wal_error: str | None = None  # why the log stopped taking writes
+    stop: StopRequest | None = None
+    outcome: Outcome | None = None
+    protocol_errors: int = 0
+    foreign_dropped: int = 0
+    mono: float = 0.0
+    wall: float | None = None
+    next_status: float = 0.0
+    ack_seconds: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=ACK_WINDOW))
+
+
+class RunController:
+    """Decides everything for one run; see the module docstring for the contract."""
+
+    def __init__(self, config: Config, facts: RunFacts,
+                 gpus: Sequence[GpuInfo] = (), rng: random.Random | None = None,
+                 worker_ids: Sequence[str] = (SOLE_WORKER,)) -> None:
+        self.config = config
+        self.facts = facts
+        self._rng = rng or random.Random()
+        self._watchdog_settings = WatchdogSettings.from_config(config)
+        self._kill_settings = KillSettings.from_config(config)
+        self._restart_settings = RestartSettings.from_config(config)
+        resources = ResourceSettings.from_config(config)
+        self._resources = resources
+        thermal = ThermalSettings.from_config(config)
+        self.run = RunState(
+            run_id=facts.run_id, spec=facts.spec, epoch=facts.epoch, durable=facts.durable,
+            restarts=facts.restarts,
+            gpus={g.index: GpuState(g, ThermalLadder(thermal, g.thresholds),
+                                    MemoryWatch(resources), PowerWatch(resources))
+                  for g in gpus},
+            workers={wid: WorkerSlot(wid, gpu_index=int(config["gpu_index"]),
+                                     policy=RestartPolicy(self._restart_settings, self._rng))
+                     for wid in worker_ids})
+        self._out: list[Effect] = []
+
+    # The one entry point ------------------------------------------------------------------
+    def handle(self, event: Input) -> list[Effect]:
+        """The effects of one input, in the order the shell must perform them."""
+        self._out = []
+        mono = getattr(event, "mono", None)
+        if isinstance(mono, float | int) and mono >= self.run.mono:
+            self.run.mono = float(mono)
+        if isinstance(event, Tick):
+            self.run.wall = event.wall
+            self._on_tick(event)
+        elif isinstance(event, WorkerMessage):
+            self._on_message(event)
+        elif isinstance(event, MalformedMessage):
+            self._protocol_error(event.reason, self._peer(event.routing_id))
+        elif isinstance(event, Appended):
+            self._on_appended(event)
+        elif isinstance(event, ControlRequest):
+            self._emit(Reply(event.ref, self._on_control(event.op)))
+        elif isinstance(event, SignalReceived):
+            self._on_signal(event.signal)
+        elif isinstance(event, HealthReading):
+            self._on_health(event)
+        elif isinstance(event, WorkerSpawned):
+            self._on_spawned(event)
+        elif isinstance(event, SpawnFailed):
+            self._log("critical", "worker.spawn_failed", epoch=event.epoch, error=event.error)
+            self._give_up(f"cannot start the worker: {event.error}")
+        elif isinstance(event, CheckpointLoaded):
+            self._on_checkpoint_loaded(event)
+        elif isinstance(event, Start):
+            for gpu in self.run.gpus.values():
+                self._log("info", "gpu.opened", source=gpu.info.source, index=gpu.info.index,
+                          limits=dataclasses.asdict(gpu.ladder.limits))
+            for slot in self.run.workers.values():
+                self._start_worker(slot, SpawnReason.START if self.run.epoch == 0
+                                   else SpawnReason.RESUME)
+        return self._out
+
+    @property
+    def finished(self) -> bool:
+        return self.run.outcome is not None
+
+    # Effects helpers --------------------------------------------------------------------
+    def _emit(self, effect: Effect) -> None:
+        self._out.append(effect)
+
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        self._emit(Log(level, event, fields))
+
+    def _send(self, slot: WorkerSlot, msg: m.Message) -> None:
+        self._emit(Send(slot.id, msg))
+
+    def _set_state(self, slot: WorkerSlot, new: WorkerState) -> None:
+        check_transition(slot.state, new)
+        slot.state = new
+
+    def _finish(self, kind: str, code: ExitCode, reason: str | None = None) -> None:
+        if self.run.outcome is None:
+            self.run.outcome = Outcome(kind, code, reason)
+            self._emit(WriteStatus(self.status()))
+            self._emit(Finish(code, kind, reason))
+
+    def _append(self, record: Epoch | Event | Done | Stop, then: Any = None) -> None:
+        """Make ``record`` durable; nothing is appended once an append has failed."""
+        if not self.run.wal_failed:
+            self._emit(Append(record, then))
+
+    # Ticks ----------------------------------------------------------------------------------
+    def _on_tick(self, tick: Tick) -> None:
+        if self.finished:
+            return  # the shell ends the loop; whatever is left, it kills on the way out
+        now = self.run.mono
+        for slot in list(self.run.workers.values()):
+            view = tick.processes.get(slot.id)
+            if view is not None and slot.state.has_process:
+                self._check_exit(slot, view, now)
+            if slot.state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.PAUSED):
+                self._check_watchdog(slot, now)
+            if view is not None and slot.kill is not None and slot.state.has_process:
+                self._advance_kill(slot, now, view)
+            self._maybe_restart(slot, now)
+        if now >= self.run.next_status and not self.finished:
+            self.run.next_status = now + STATUS_EVERY_S
+            self._emit(WriteStatus(self.status()))
+
+    # Worker messages --------------------------------------------------------------------
+    def _slot_for(self, routing_id: bytes) -> WorkerSlot | None:
+        for slot in self.run.workers.values():
+            if slot.token and slot.state.has_process and slot.routing_id == routing_id:
+                return slot
+        return None
+
+    def _peer(self, routing_id: bytes) -> str:
+        """How the log names a peer: the worker slot, or a fingerprint (never the id)."""
+        slot = self._slot_for(routing_id)
+        if slot is not None:
+            return f"{slot.id} (epoch {slot.epoch})"
+        return "unknown peer " + hashlib.sha256(routing_id).hexdigest()[:12]
+
+    def _on_message(self, event: WorkerMessage) -> None:
+        msg, now = event.msg, self.run.mono
+        slot = self._slot_for(event.routing_id)
+        if slot is None or msg.epoch != slot.epoch:
+            # Another incarnation, or a connection that never authenticated as this one.
+            self.run.foreign_dropped += 1
+            self._log("warning", "protocol.foreign_epoch", msg_type=msg.TYPE,
+                      msg_epoch=msg.epoch, epoch=slot.epoch if slot else self.run.epoch,
+                      peer=self._peer(event.routing_id))
+            return
+        if isinstance(msg, m.Hello):
+            self._on_hello(slot, msg)
+            return
+        if slot.state is WorkerState.STARTING:
+            self._protocol_error(f"{msg.TYPE} before hello", self._peer(event.routing_id))
+            return
+        assert slot.watchdog is not None
+        slot.watchdog.on_message(now)
+        if isinstance(msg, m.Beat):
+            self._on_beat(slot, msg, now)
+        elif isinstance(msg, m.Ckpt):
+            self._on_ckpt(slot, msg)
+        elif isinstance(msg, m.Done):
+            self._on_done(slot, msg)
+        elif isinstance(msg, m.Fail):
+            slot.last_fail = msg
+            self._log("error", "worker.failed", epoch=msg.epoch, kind=msg.kind, fatal=msg.fatal,
+                      message=msg.message, traceback=msg.traceback)
+        elif isinstance(msg, m.Log):
+            level = msg.level if msg.level in _LEVELS else "info"
+            fields = {k: v for k, v in msg.fields.items() if k not in _RESERVED}
+            self._log(level, msg.event, component="worker", epoch=msg.epoch, **fields)
+        elif isinstance(msg, m.Extend):
+            slot.watchdog.on_extend(now, msg.seconds)
+            self._log("info", "watchdog.extended", epoch=msg.epoch, seconds=msg.seconds,
+                      reason=msg.reason)
+        else:
+            self._protocol_error(f"{msg.TYPE} is not a worker message", self._peer(
+                event.routing_id))
+
+    def _protocol_error(self, why: str, peer: str) -> None:
+        self.run.protocol_errors += 1
+        self._emit(Count(Metric.PROTOCOL_ERROR))
+        self._log("warning", "protocol.error", reason=why, peer=peer,
+                  count=self.run.protocol_errors)
+
+    def _violation(self, slot: WorkerSlot, why: str) -> None:
+        """The authenticated worker broke the protocol: nothing of it is stored, it is
+        ended, and the restart policy counts it as a crash."""
+        self._protocol_error(why, self._peer(slot.routing_id))
+        self._begin_kill(slot, KillReason.PROTOCOL_VIOLATION, detail=why)
+
+    def _on_hello(self, slot: WorkerSlot, msg: m.Hello) -> None:
+        peer = self._peer(slot.routing_id)
+        if msg.token != slot.token or msg.pid != slot.pid:
+            self._protocol_error("hello with a wrong token or pid", peer)
+            return
+        if msg.proto != m.PROTOCOL_VERSION:
+            self._protocol_error(f"worker speaks protocol {msg.proto}", peer)
+            return
+        if slot.state is not WorkerState.STARTING or slot.kill is not None:
+            # A second hello, or one that arrives after we began ending this worker.
+            self._protocol_error("hello out of turn", peer)
+            return
+        slot.backend, slot.device = msg.backend, msg.device
+        self._emit(LoadCheckpoint(slot.id, slot.epoch))
+
+    def _on_checkpoint_loaded(self, event: CheckpointLoaded) -> None:
+        slot = self.run.workers[event.worker]
+        if slot.epoch != event.epoch or slot.state is not WorkerState.STARTING:
+            return
+        if event.error is not None:
+            self._log("critical", "wal.checkpoint_unreadable", error=event.error)
+            self._begin_kill(slot, KillReason.WAL_FAILED)
+            self._give_up(f"the newest checkpoint cannot be read ({event.error}); inspect it "
+                          "with `nkat-supervise verify`, or start again with --salvage")
+            return
+        settings = self.config.role(Role.WORKER)
+        settings.pop("backend", None)  # the worker learns its backend from its environment
+        settings["provenance"] = {"epochs": slot.epoch, "restarts": self.run.restarts}
+        self._send(slot, m.Welcome(epoch=slot.epoch, run_id=self.run.run_id,
+                                   spec=dict(self.run.spec), settings=settings,
+                                   resume=event.resume))
+        gpu = self.run.gpus.get(slot.gpu_index)
+        if gpu is not None and gpu.ladder.duty < 1.0:
+            # The GPU was already hot: the new worker starts at the ladder's duty.
+            self._send(slot, m.Cmd(epoch=slot.epoch, op="throttle",
+                                   args={"duty": gpu.ladder.duty}))
+        self._set_state(slot, WorkerState.RUNNING)
+        assert slot.watchdog is not None
+        slot.watchdog.on_message(self.run.mono)
+        self._log("info", "worker.welcomed", epoch=slot.epoch, backend=slot.backend,
+                  device=slot.device,
+                  resume_ckpt_seq=event.resume.ckpt_seq if event.resume else None)
+
+    def _on_beat(self, slot: WorkerSlot, msg: m.Beat, now: float) -> None:
+        batch_seconds = msg.metrics.get("batch_seconds")
+        assert slot.watchdog is not None
+        slot.watchdog.on_beat(now, msg.progress_seq, msg.stage,
+                              batch_seconds if isinstance(batch_seconds, int | float)
+                              and not isinstance(batch_seconds, bool) else None)
+        slot.last_beat = msg
+        self._emit(Count(Metric.BEAT))
+        slot.last_beats.append({"seq": msg.seq, "progress_seq": msg.progress_seq,
+                                "units_done": msg.units_done, "stage": msg.stage})
+        if slot.state is WorkerState.RUNNING and msg.stage == "paused":
+            self._set_state(slot, WorkerState.PAUSED)
+        elif slot.state is WorkerState.PAUSED and msg.stage != "paused":
+            self._set_state(slot, WorkerState.RUNNING)
+        self._emit(Publish({"t": "beat", "units_done": msg.units_done,
+                            "units_total": msg.units_total}))
+
+    def _on_ckpt(self, slot: WorkerSlot, msg: m.Ckpt) -> None:
+        if slot.kill_reason in (KillReason.GPU_RESET, KillReason.XID_RESTART):
+            # After an Xid the device memory behind this state is suspect: never resume it.
+            self._log("warning", "checkpoint.refused", epoch=msg.epoch, ckpt_seq=msg.ckpt_seq,
+                      reason=slot.kill_reason.value)
+            return
+        durable = self.run.durable.ckpt_seq
+        if msg.ckpt_seq == durable:
+            self._send(slot, m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))  # a resend
+            return
+        if msg.ckpt_seq != durable + 1:
+            self._violation(slot, f"checkpoint {msg.ckpt_seq} does not follow the durable "
+                                  f"checkpoint {durable}")
+            return
+        if m.state_digest(msg.state) != msg.digest:
+            self._violation(slot, f"checkpoint {msg.ckpt_seq} digest mismatch")
+            return
+        if msg.units_done < self.run.durable.units_done:
+            self._violation(slot, f"checkpoint {msg.ckpt_seq} goes back from "
+                                  f"{self.run.durable.units_done} to {msg.units_done} units")
+            return
+        meta = CheckpointMeta(ckpt_seq=msg.ckpt_seq, epoch=msg.epoch,
+                              units_done=msg.units_done, digest=msg.digest,
+                              restarts=self.run.restarts)
+        if not self.run.wal_failed:
+            self._emit(AppendCheckpoint(meta, msg.state, _CheckpointDurable(
+                slot.id, msg.epoch, msg.ckpt_seq, msg.units_done, len(msg.state))))
+
+    def _on_done(self, slot: WorkerSlot, msg: m.Done) -> None:
+        if m.result_digest(msg.result) != msg.digest:
+            self._violation(slot, "result digest mismatch")
+            return
+        if self.run.done_recorded:
+            self._send(slot, m.Ack(epoch=msg.epoch, ckpt_seq=m.DONE_ACK_SEQ))
+            return
+        self._append(Done(result=msg.result, digest=msg.digest),
+                     _DoneDurable(slot.id, msg.epoch, msg.result))
+
+    # Appends ------------------------------------------------------------------------------
+    def _on_appended(self, event: Appended) -> None:
+        if not event.ok:
+            self._wal_failed(event.error or "unknown error", event.advice)
+            return
+        then = event.then
+        if isinstance(then, _SpawnAfterEpoch):
+            slot = self.run.workers[then.worker]
+            self._emit(Spawn(slot.id, then.epoch, str(self.config["backend"]),
+                             str(self.run.spec["job"]), slot.gpu_index))
+        elif isinstance(then, _CheckpointDurable):
+            self.run.durable = Durable(then.ckpt_seq, then.units_done, event.t_wall)
+            self.run.ack_seconds.append(event.seconds)
+            slot = self.run.workers[then.worker]
+            if slot.epoch == then.epoch:
+                slot.policy.on_durable_checkpoint(then.ckpt_seq)
+            self._emit(Send(then.worker, m.Ack(epoch=then.epoch, ckpt_seq=then.ckpt_seq)))
+            self._emit(Count(Metric.CHECKPOINT_ACKED, event.seconds))
+            self._log("info", "checkpoint.durable", epoch=then.epoch, ckpt_seq=then.ckpt_seq,
+                      units_done=then.units_done, bytes=then.size,
+                      ack_ms=round(event.seconds * 1000, 3))
+        elif isinstance(then, _DoneDurable):
+            self.run.done_recorded = True
+            self._emit(WriteResult(then.result))
+            self._log("info", "run.completed", epoch=then.epoch, result=self.facts.result_path)
+            self._emit(Send(then.worker, m.Ack(epoch=then.epoch, ckpt_seq=m.DONE_ACK_SEQ)))
+        elif isinstance(then, _StopDurable):
+            self._log("info", "run.stopped", reason=then.reason, desired=then.desired.value,
+                      ckpt_seq=self.run.durable.ckpt_seq)
+            for slot in self.run.workers.values():
+                if can_transition(slot.state, WorkerState.STOPPED):
+                    self._set_state(slot, WorkerState.STOPPED)
+            self._finish("stopped", ExitCode.STOPPED)
+
+    def _wal_failed(self, error: str, advice: str | None) -> None:
+        """Fail-stop: no ack, no retry, nothing more appended; every worker is ended and
+        the run exits 3, resumable from what was durable before."""
+        if self.run.wal_failed:
+            return
+        self.run.wal_failed = True
+        self.run.wal_error = f"the write-ahead log could not be written: {error}"
+        self._log("critical", "wal.write_failed", error=error,
+                  advice=advice or "free disk space or fix the device, then run start again")
+        alive = [s for s in self.run.workers.values() if s.state.has_process]
+        for slot in alive:
+            self._begin_kill(slot, KillReason.WAL_FAILED)
+        if not alive:
+            self._finish("wal_failed", ExitCode.GAVE_UP, self.run.wal_error)
+
+    # Control requests -------------------------------------------------------------------
+    def _on_control(self, op: str) -> dict[str, Any]:
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op == "stop":
+            self._request_stop("operator", Desired.STOPPED)
+            return {"ok": True, "message": "stopping: final checkpoint, then exit"}
+        live = [s for s in self.run.workers.values()
+                if s.state in (WorkerState.RUNNING, WorkerState.PAUSED)]
+        if not live:
+            states = ", ".join(s.state.value for s in self.run.workers.values())
+            return {"ok": False, "error": f"worker is {states}, cannot {op}"}
+        for slot in live:
+            self._send(slot, m.Cmd(epoch=slot.epoch, op=op))
+            self._log("info", f"operator.{op}", epoch=slot.epoch)
+        return {"ok": True, "message": f"{op} sent"}
+
+    # Signals to the supervisor -----------------------------------------------------------
+    def _on_signal(self, sig: RunSignal) -> None:
+        if sig is RunSignal.HUP:
+            # The terminal went away: go on without the progress line.
+            self._log("info", "supervisor.sighup_ignored")
+            self._emit(QuietDisplay())
+            return
+        if self.run.stop is not None and sig is RunSignal.INT:
+            self._log("warning", "supervisor.stop_now", signal=sig.value)
+            for slot in self.run.workers.values():
+                self._begin_kill(slot, KillReason.OPERATOR_NOW)
+            return
+        # SIGTERM is also how a machine shuts down: a boot resumes the run.
+        desired = Desired.RUNNING if sig is RunSignal.TERM else Desired.STOPPED
+        self._request_stop(f"signal {sig.value}", desired)
+
+    def _request_stop(self, why: str, desired: Desired) -> None:
+        if self.run.stop is not None:
+            return
+        self.run.stop = StopRequest(why, desired)
+        self._log("info", "run.stopping", reason=why, epoch=self.run.epoch)
+        waiting = True
+        for slot in self.run.workers.values():
+            if slot.state in (WorkerState.RUNNING, WorkerState.PAUSED):
+                self._begin_kill(slot, KillReason.OPERATOR)
+                waiting = False
+            elif slot.state is WorkerState.STARTING:
+                # Nothing to save before the handshake, and a worker not yet welcomed
+                # cannot obey cmd stop: end it at once.
+                self._begin_kill(slot, KillReason.OPERATOR_NOW)
+                waiting = False
+            elif slot.state.has_process:
+                waiting = False  # already being ended: its exit records the stop
+        if waiting:
+            self._record_stop(why, desired)
+
+    def _record_stop(self, why: str, desired: Desired) -> None:
+        """The durable ``stop`` record. ``desired`` is "stopped" when an operator asked
+        (``stop``, Ctrl-C): it stays stopped; "running" for SIGTERM, which is also how
+        a machine shuts down, so ``start --boot`` resumes it after the reboot."""
+        if self.run.wal_failed:
+            self._finish("wal_failed", ExitCode.GAVE_UP, self.run.wal_error)
+            return
+        self._append(Stop(reason=why, desired=desired, ckpt_seq=self.run.durable.ckpt_seq),
+                     _StopDurable(why, desired))
+
+    # Spawning ---------------------------------------------------------------------------
+    def _start_worker(self, slot: WorkerSlot, reason: SpawnReason) -> None:
+        if self.run.wal_failed or self.finished:
+            return
+        self.run.epoch += 1
+        slot.epoch = self.run.epoch
+        slot.pid = None
+        slot.token = ""
+        self._append(Epoch(epoch=slot.epoch, reason=reason,
+                           resume_ckpt_seq=self.run.durable.ckpt_seq,
+                           worker=slot.id if len(self.run.workers) > 1 else None,
+                           restarts=self.run.restarts),
+                     _SpawnAfterEpoch(slot.id, slot.epoch))
+        slot.spawn_reason = reason
+
+    def _on_spawned(self, event: WorkerSpawned) -> None:
+        slot = self.run.workers[event.worker]
+        now = self.run.mono
+        slot.pid, slot.token = event.pid, event.token
+        slot.watchdog = Watchdog(self._watchdog_settings, now)
+        slot.policy.on_spawn(now, self.run.durable.ckpt_seq)
+        slot.kill = None
+        slot.kill_reason = None
+        slot.last_fail = None
+        slot.last_beat = None  # the dead worker's numbers must not show as this one's
+        slot.last_beats.clear()
+        self._set_state(slot, WorkerState.STARTING)
+        self._log("info", "worker.spawned", epoch=event.epoch, pid=event.pid,
+                  reason=slot.spawn_reason.value)
+
+    def _maybe_restart(self, slot: WorkerSlot, now: float) -> None:
+        gpu = self.run.gpus.get(slot.gpu_index)
+        may_run = gpu is None or gpu.ladder.may_run
+        if slot.state is WorkerState.BACKOFF and not may_run:
+            slot.resume_at = None  # too hot to start: wait for the ladder
+            self._set_state(slot, WorkerState.COOLING)
+        elif slot.state is WorkerState.BACKOFF and slot.resume_at is not None \
+                and now >= slot.resume_at:
+            slot.resume_at = None
+            self._start_worker(slot, SpawnReason.RESTART)
+        elif slot.state is WorkerState.COOLING and may_run:
+            self._log("info", "worker.respawn_after_cooling", epoch=slot.epoch)
+            self._emit(Count(Metric.RESTART, label="thermal"))
+            self._start_worker(slot, SpawnReason.THERMAL_RESUME)
+
+    # Watchdog and kills --------------------------------------------------------------------
+    def _check_watchdog(self, slot: WorkerSlot, now: float) -> None:
+        assert slot.watchdog is not None
+        verdict = slot.watchdog.check(now)
+        if verdict is None:
+            return
+        budget = verdict.details.get("heartbeat_timeout") or verdict.details.get(
+            "stall_seconds") or verdict.details.get("startup_timeout")
+        self._log("error", f"watchdog.{verdict.kind}", epoch=slot.epoch, deadline_s=budget,
+                  overdue_s=round(verdict.overdue_by, 3), details=verdict.details,
+                  last_beats=list(slot.last_beats))
+        self._begin_kill(slot, verdict.kill_reason, detail=str(verdict.details))
+
+    def _begin_kill(self, slot: WorkerSlot, reason: KillReason, detail: str = "") -> None:
+        """End the worker: the reason is made durable first, then the kill sequence runs
+        (cmd stop, faulthandler dump, SIGTERM, SIGKILL — where it starts depends on why)."""
+        if not slot.state.has_process:
+            return
+        if slot.kill is not None:
+            current = _SEVERITY.get(slot.kill_reason, 0) if slot.kill_reason else 0
+            if _SEVERITY.get(reason, 0) > current:
+                slot.kill_reason = reason  # the exit is classified by the gravest reason
+            if slot.kill.escalate(reason):
+                self._log("warning", "worker.kill_escalated", epoch=slot.epoch,
+                          reason=reason.value, detail=detail)
+                self._advance_kill(slot, self.run.mono, None)
+            return
+        slot.kill_reason = reason
+        slot.kill = KillSequence(self._kill_settings, reason)
+        self._append(Event(EventKind.KILL, reason.value, epoch=slot.epoch,
+                           fields={"detail": detail}))
+        # An operator's stop is routine; every other reason is worth a warning.
+        level = "info" if reason in (KillReason.OPERATOR, KillReason.OPERATOR_NOW) else "warning"
+        self._log(level, "worker.killing", epoch=slot.epoch, reason=reason.value, detail=detail)
+        self._advance_kill(slot, self.run.mono, None)
+
+    def _advance_kill(self, slot: WorkerSlot, now: float, view: ProcessView | None) -> None:
+        seq = slot.kill
+        if seq is None or not slot.state.has_process:
+            return
+        left = self._left_behind(slot, view)
+        action = seq.next_action(now, alive=left is not None)
+        if action is Action.SEND_STOP:
+            self._send(slot, m.Cmd(epoch=slot.epoch, op="stop",
+                                   args={"deadline_s": self._kill_settings.stop_deadline}))
+        elif action is Action.SEND_DUMP:
+            self._log("warning", "worker.dump_requested", epoch=slot.epoch, pid=slot.pid,
+                      last_beats=list(slot.last_beats))
+            self._emit(SignalWorker(slot.id, Sig.DUMP))
+        elif action is Action.SEND_SIGTERM:
+            self._log("warning", "worker.sigterm", epoch=slot.epoch, pid=slot.pid)
+            self._emit(SignalWorker(slot.id, Sig.TERM))
+        elif action is Action.SEND_SIGKILL:
+            self._log("warning", "worker.sigkill", epoch=slot.epoch, pid=slot.pid)
+            self._emit(SignalWorker(slot.id, Sig.KILL))
+        elif action is Action.KILL_FAILED:
+            self._kill_failed(slot, left or "")
+            return
+        if action in (Action.SEND_STOP, Action.WAIT) and not seq.signalled:
+            target = WorkerState.STOPPING
+        elif action is not Action.DONE:
+            target = WorkerState.KILLING
+        else:
+            return
+        if slot.state is not target and slot.state.has_process:
+            self._set_state(slot, target)
+
+    def _kill_failed(self, slot: WorkerSlot, left: str) -> None:
+        confirm = self._kill_settings.kill_confirm
+        reason = (f"worker pid {slot.pid} (epoch {slot.epoch}) is not gone {confirm:g} s "
+                  f"after SIGKILL: {left}; nothing is started over it")
+        self._log("critical", "worker.kill_failed", epoch=slot.epoch, pid=slot.pid,
+                  reason=reason,
+                  advice="a process survived SIGKILL or still holds the GPU (stuck in the "
+                         "driver?); reboot or reset the GPU, then run start again")
+        self._append(Event(EventKind.KILL_FAILED, reason, epoch=slot.epoch,
+                           fields={"pid": slot.pid}))
+        self._set_state(slot, WorkerState.KILL_FAILED)
+        self._finish("kill_failed", ExitCode.GAVE_UP,
+                     f"{reason}. Reset the GPU or reboot, then run start again")
+
+    def _left_behind(self, slot: WorkerSlot, view: ProcessView | None) -> str | None:
+        """What of the worker is not gone yet, in words; None once nothing is: the
+        process, its group, or a GPU context still listed under its pid. Without a view
+        this turn, the worker is taken to be alive."""
+        if view is None or view.group_alive:
+            if view is None or view.returncode is None:
+                return "the process is still alive"
+            return f"its process group {slot.pid} lives on"
+        if view.gpu_holds:
+            return f"the GPU still lists pid {slot.pid} as holding a context"
+        return None
+
+    def _check_exit(self, slot: WorkerSlot, view: ProcessView, now: float) -> None:
+        if view.returncode is None:
+            return
+        if self.run.done_recorded and slot.kill is None and not view.group_alive:
+            # The result is durable and no process is left: nothing will run over a GPU
+            # context the driver keeps, so the run is complete; the operator is told.
+            lingering = None
+            if view.gpu_holds:
+                self._log("warning", "worker.context_lingers", epoch=slot.epoch, pid=slot.pid,
+                          detail=self._left_behind(slot, view),
+                          advice="the result is durable; check nvidia-smi before the GPU's "
+                                 "next job, and reset it if the pid stays")
+        else:
+            lingering = self._left_behind(slot, view)
+        if lingering is not None:
+            # The leader is gone but its group or GPU context is not: end them first,
+            # never relaunch over them.
+            self._begin_kill(slot, KillReason.LINGERING, detail=lingering)
+            return
+        if slot.kill is not None:
+            self._advance_kill(slot, now, view)  # lets the sequence see the worker gone
+        self._emit(ReleaseWorker(slot.id))
+        if self.run.wal_failed:
+            self._set_state(slot, WorkerState.EXITED)
+            slot.kill = None
+            if not any(s.state.has_process for s in self.run.workers.values()):
+                self._finish("wal_failed", ExitCode.GAVE_UP, self.run.wal_error)
+            return
+        fail = slot.last_fail
+        info = ExitInfo(returncode=view.returncode, killed_for=slot.kill_reason,
+                        fatal=bool(fail and fail.fatal), fail_kind=fail.kind if fail else None,
+                        completed=self.run.done_recorded)
+        decision = slot.policy.decide(now, info)
+        self._log("info", "worker.exited", epoch=slot.epoch, pid=slot.pid, how=view.how,
+                  exit_class=decision.exit_class.value, action=decision.action.value,
+                  reason=decision.reason)
+        slot.kill = None
+        self._set_state(slot, WorkerState.EXITED)
+        if not self.finished:
+            self._decide(slot, now, decision)
+
+    def _decide(self, slot: WorkerSlot, now: float, decision: Decision) -> None:
+        action = decision.action
+        if action is RestartAction.COMPLETE:
+            self._set_state(slot, WorkerState.COMPLETED)
+            self._finish("completed", ExitCode.COMPLETED)
+        elif self.run.stop is not None:
+            self._record_stop(self.run.stop.why, self.run.stop.desired)
+        elif action is RestartAction.GIVE_UP:
+            self._give_up(decision.reason)
+        elif action is RestartAction.WAIT_COOLDOWN:
+            self._set_state(slot, WorkerState.COOLING)
+            self._log("warning", "thermal.cooling", epoch=slot.epoch)
+        elif action is RestartAction.STOP:
+            self._record_stop(decision.reason, Desired.STOPPED)
+        else:
+            self.run.restarts += 1  # counted when decided, so a supervisor kill keeps it
+            self._append(Event(EventKind.RESTART_SCHEDULED, decision.reason, epoch=slot.epoch,
+                               fields={"exit_class": decision.exit_class.value,
+                                       "delay_s": decision.delay,
+                                       "restarts": self.run.restarts}))
+            slot.resume_at = now + decision.delay
+            self._set_state(slot, WorkerState.BACKOFF)
+            self._emit(Count(Metric.RESTART, label=decision.exit_class.value))
+            self._log("warning", "worker.restart_scheduled", reason=decision.reason,
+                      delay_s=round(decision.delay, 3), exit_class=decision.exit_class.value)
+
+    def _give_up(self, reason: str) -> None:
+        self._append(Event.gave_up(reason))
+        self._log("error", "run.gave_up", reason=reason, ckpt_seq=self.run.durable.ckpt_seq,
+                  advice="fix the cause, then run start again to resume")
+        for slot in self.run.workers.values():
+            if can_transition(slot.state, WorkerState.GAVE_UP):
+                self._set_state(slot, WorkerState.GAVE_UP)
+        self._finish("gave_up", ExitCode.GAVE_UP, reason)
+
+    # GPU health -------------------------------------------------------------------------
+    def _on_health(self, event: HealthReading) -> None:
+        gpu = self.run.gpus.get(event.gpu)
+        if gpu is None:
+            return
+        actions = self._health_actions(gpu, event)
+        for slot in self.run.workers.values():
+            if slot.gpu_index == event.gpu:
+                for action in actions:
+                    self._apply_health(slot, action)
+
+    def _health_actions(self, gpu: GpuState, event: HealthReading) -> list[HealthAction]:
+        """Feed one reading to the GPU's policies (Xid rules, thermal ladder, memory,
+        power, leak) and say what they ask for."""
+        now, reading = self.run.mono, event.reading
+        actions: list[HealthAction] = []
+        for note in event.notes:
+            self._log("info", "gpu.note", note=note)
+        for xid in event.events:
+            verdict = classify_event(xid.kind, xid.xid)
+            self._log("error", "gpu.xid", xid=xid.xid, kind=xid.kind, device=xid.index,
+                      action=verdict.action.value, message=verdict.message)
+            if verdict.action is XidAction.RESTART_WORKER:
+                actions.append(HealthAction(HealthActionKind.XID_RESTART, verdict.message))
+            elif verdict.action is XidAction.GPU_RESET:
+                actions.append(HealthAction(HealthActionKind.GPU_RESET, verdict.message))
+        gpu.last = reading
+        if reading.lost:
+            if not gpu.lost_reported:
+                gpu.lost_reported = True
+                message = classify_gpu_lost().message
+                self._log("critical", "gpu.lost", message=message)
+                actions.append(HealthAction(HealthActionKind.GPU_RESET, message))
+            return actions
+        if now >= gpu.next_log:
+            gpu.next_log = now + float(self.config["gpu_log_interval"])
+            self._log("info", "gpu.reading", **{k: v for k, v in gpu.snapshot().items()
+                                                if k not in ("source", "lost", "index")})
+        thermal = gpu.ladder.update(now, reading.temperature, margin=reading.thermal_margin,
+                                    reasons=reading.clock_event_reasons)
+        if thermal is not None:
+            self._log("warning", f"thermal.{thermal.kind.value}",
+                      temperature=reading.temperature, reason=thermal.reason, duty=thermal.duty,
+                      state=gpu.ladder.state.value)
+            if thermal.kind in (ThermalActionKind.THROTTLE, ThermalActionKind.UNTHROTTLE):
+                actions.append(HealthAction(HealthActionKind.THROTTLE, thermal.reason,
+                                            thermal.duty or 1.0))
+            elif thermal.kind is ThermalActionKind.STOP:
+                actions.append(HealthAction(HealthActionKind.THERMAL_STOP, thermal.reason))
+            elif thermal.kind is ThermalActionKind.KILL_NOW:
+                actions.append(HealthAction(HealthActionKind.THERMAL_KILL, thermal.reason))
+        memory = gpu.memory.update(now, reading.memory_used, reading.memory_total)
+        if memory is not None:
+            self._log("warning", "gpu.memory_high", reason=memory.reason, **memory.fields)
+            actions.append(HealthAction(HealthActionKind.FREE_MEMORY, memory.reason))
+        power = gpu.power.update(now, reading.power_w, gpu.info.thresholds.enforced_power_limit_w)
+        if power is not None:
+            self._log("warning", "gpu.power_high", reason=power.reason, **power.fields)
+        # One watch per worker pid on this GPU; a new worker starts over.
+        gpu.leaks = {pid: gpu.leaks.get(pid) or LeakWatch(self._resources, now)
+                     for pid in event.worker_rss}
+        for pid, rss in event.worker_rss.items():
+            leak = gpu.leaks[pid].update(now, rss)
+            if leak is not None:
+                self._log("warning", "worker.leak_suspected", reason=leak.reason, **leak.fields)
+                actions.append(HealthAction(HealthActionKind.LEAK, leak.reason))
+        return actions
+
+    def _apply_health(self, slot: WorkerSlot, action: HealthAction) -> None:
+        if action.kind is HealthActionKind.THROTTLE:
+            if slot.state in (WorkerState.RUNNING, WorkerState.PAUSED):
+                self._send(slot, m.Cmd(epoch=slot.epoch, op="throttle",
+                                       args={"duty": action.duty}))
+            return
+        if action.kind is HealthActionKind.FREE_MEMORY:
+            if slot.state is WorkerState.RUNNING:
+                self._send(slot, m.Cmd(epoch=slot.epoch, op="free_memory"))
+            return
+        event_kind, kill_reason = _HEALTH_KILL[action.kind]
+        self._append(Event(event_kind, action.reason, epoch=slot.epoch))
+        if slot.state.has_process:
+            self._begin_kill(slot, kill_reason, detail=action.reason)
+        elif action.kind is HealthActionKind.GPU_RESET:
+            self._give_up(action.reason)
+        elif action.kind in (HealthActionKind.THERMAL_STOP, HealthActionKind.THERMAL_KILL) \
+                and slot.state is WorkerState.BACKOFF:
+            slot.resume_at = None
+            self._set_state(slot, WorkerState.COOLING)
+
+    # Status -------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The run's status (``status --json``, ``status.json``)."""
+        run = self.run
+        slot = next(iter(run.workers.values()))
+        beat = slot.last_beat
+        total = beat.units_total if beat else None
+        done = beat.units_done if beat else run.durable.units_done
+        metrics = beat.metrics if beat else {}
+        if run.outcome is not None and run.outcome.kind == "completed" and total:
+            done = total  # the last beat predates the final units
+        lat = sorted(run.ack_seconds)
+        gpu = run.gpus.get(slot.gpu_index)
+        return {
+            "run_id": run.run_id,
+            "state": slot.state.value,
+            "outcome": run.outcome.kind if run.outcome else None,
+            "supervisor_pid": self.facts.supervisor_pid,
+            "epoch": run.epoch,
+            "worker_pid": slot.pid if slot.state.has_process else None,
+            "restarts": run.restarts,
+            "units_done": done,
+            "units_total": total,
+            "progress": (done / total) if total else None,
+            "units_per_s": metrics.get("units_per_s"),
+            "dims_per_s": _dims_per_s(run.spec, metrics.get("units_per_s")),
+            "duty": metrics.get("duty"),
+            "durable_ckpt_seq": run.durable.ckpt_seq,
+            "durable_units": run.durable.units_done,
+            "last_checkpoint_wall": run.durable.t_wall,
+            "ckpt_ack_ms_p50": round(lat[len(lat) // 2] * 1000, 3) if lat else None,
+            "protocol_errors": run.protocol_errors,
+            "foreign_dropped": run.foreign_dropped,
+            "gpu": {k: v for k, v in gpu.snapshot().items() if k != "index"} if gpu else None,
+            "updated_wall": run.wall,
+        }
+
+
+def _dims_per_s(spec: Mapping[str, Any], units_per_s: Any) -> float | None:
+    """The NKAT job's units are blocks of ``unit_dims`` dimensions: show dims/s."""
+    if spec.get("job") != NKAT_JOB:
+        return None
+    unit_dims = spec.get("params", {}).get("unit_dims")
+    if isinstance(units_per_s, int | float) and isinstance(unit_dims, int):
+        return float(units_per_s) * unit_dims
+    return None

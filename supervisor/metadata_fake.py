@@ -209,14 +209,15 @@ def measure_notice_latency_ms(
     stop: Callable[[H], None],
     *,
     trials: int = 10,
-    settle_s: float = 0.0,
+    settle_s: float | Callable[[], float] = 0.0,
 ) -> list[float]:
     """Milliseconds from a published notice to what ``reached`` waits for, per trial.
 
     Each trial starts a fresh FakeMetadataServer for ``cloud`` and calls ``start(url)``,
     which starts the system under test against it and returns a handle once it is ready
     (a PreemptionWatch; a supervised run with ``preemption`` and ``metadata_url`` set).
-    After ``settle_s`` the notice is published; ``reached(handle, t_notice)`` blocks until
+    After ``settle_s`` seconds (a callable: drawn per trial, e.g. a random phase of the
+    poll cycle) the notice is published; ``reached(handle, t_notice)`` blocks until
     the outcome (a notice seen; a durable checkpoint) and returns its time.monotonic();
     ``stop(handle)`` cleans up. Use ``statistics.median`` of the result for a p50.
     """
@@ -225,7 +226,7 @@ def measure_notice_latency_ms(
         with FakeMetadataServer(cloud) as service:
             handle = start(service.url)
             try:
-                time.sleep(settle_s)
+                time.sleep(settle_s() if callable(settle_s) else settle_s)
                 t_notice = service.announce()
                 samples.append((reached(handle, t_notice) - t_notice) * 1000.0)
             finally:

@@ -143,7 +143,7 @@ class PreemptionWatch:
                 self._log("warning", "preemption.notice", cloud=cloud, detail=notice.detail,
                           deadline_in_s=None if left is None else round(left, 1))
                 return
-            if not self._long_polled:
+            if not self._waits_for_change():
                 self._stop.wait(self.settings.preemption_poll_interval)
 
     def _failed(self, exc: BaseException) -> None:
@@ -180,19 +180,23 @@ class PreemptionWatch:
     # -- GCP -------------------------------------------------------------------------------
 
     _gcp_etag: str | None = None
-    _long_polled = False  # the last poll waited for a change: poll again at once
+
+    def _waits_for_change(self) -> bool:
+        """The next poll is a hanging GET (GCP, with an ETag): no sleep before it."""
+        return (self.settings.preemption == "gcp" and self._gcp_etag is not None
+                and self._gcp_wait > 0)
 
     def _poll_gcp(self) -> Notice | None:
         path, timeout = GCP_PREEMPTED_PATH, self._timeout
-        self._long_polled = self._gcp_etag is not None and self._gcp_wait > 0
-        if self._long_polled:
+        long_poll = self._waits_for_change()
+        if long_poll:
             # Hanging GET: answers at once if the value changed since the ETag, else when
             # it changes or after timeout_sec (the value unchanged).
             path += (f"?wait_for_change=true&last_etag={self._gcp_etag}"
                      f"&timeout_sec={max(1, int(self._gcp_wait))}")
             timeout += self._gcp_wait
         answer = self._get(path, GCP_HEADERS, timeout=timeout)
-        if self._long_polled and answer.status == 400:
+        if long_poll and answer.status == 400:
             self._gcp_wait = 0  # no hanging GETs here: plain polling from now on
             self._log("info", "preemption.long_poll_refused", cloud="gcp",
                       detail=answer.body.decode(errors="replace")[:200])

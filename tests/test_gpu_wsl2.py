@@ -16,7 +16,7 @@ from pathlib import Path
 import pynvml as real
 import pytest
 
-from nkat.supervisor.gpu.host import detect, kernel_release
+from nkat.supervisor.gpu.host import detect, kernel_release, state_dir_advice
 from nkat.supervisor.gpu.nvml import NvmlSensor
 from nkat.supervisor.gpu.proctable import GPU_DEVICE, gpu_device_holders
 from nkat.supervisor.gpu.show import EXIT_NO_GPU, EXIT_OK, gpu_command
@@ -178,3 +178,18 @@ def test_scanning_the_process_table_is_quick_enough_for_a_kill_check() -> None:
     started = time.monotonic()
     assert gpu_device_holders() is not None
     assert time.monotonic() - started < 5.0  # a kill check runs it a few times at most
+
+
+MOUNTS = """\
+/dev/sdc / ext4 rw,relatime,discard,errors=remount-ro,data=ordered 0 0
+C:\\134 /mnt/c 9p rw,noatime,dirsync,aname=drvfs;path=C:\\;uid=1000 0 0
+none /mnt/wsl tmpfs rw,relatime 0 0
+"""
+
+
+def test_a_state_dir_on_a_windows_drive_is_warned_about_under_wsl2() -> None:
+    advice = state_dir_advice(Path("/mnt/c/Users/me/nkat"), detect(WSL2), MOUNTS)
+    assert advice is not None and "Windows drive (/mnt/c, 9p)" in advice
+    assert state_dir_advice(Path("/home/me/.local/state/nkat-supervise"), detect(WSL2),
+                            MOUNTS) is None
+    assert state_dir_advice(Path("/mnt/c/Users/me/nkat"), detect(NATIVE), MOUNTS) is None

@@ -56,3 +56,36 @@ def kernel_release() -> str:
 def detect(release: str | None = None) -> Host:
     """The host, from ``release`` when given (tests), else from the running kernel."""
     return Host(release if release is not None else kernel_release())
+
+
+# File systems through which WSL2 reaches the Windows drives (/mnt/c …).
+_WINDOWS_FS = ("9p", "drvfs", "v9fs")
+
+
+def state_dir_advice(state_dir: Path, host: Host, mounts: str | None = None) -> str | None:
+    """A warning when, under WSL2, ``state_dir`` lies on a Windows drive (/mnt/c …)
+    rather than on the distribution's own ext4 disk; None otherwise. ``mounts``: the text
+    of /proc/self/mounts (read when None)."""
+    if not host.wsl2:
+        return None
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    path = str(state_dir.resolve() if state_dir.exists() else state_dir.absolute())
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, fstype = point, fields[2]
+    if fstype not in _WINDOWS_FS:
+        return None
+    return (f"the state dir {state_dir} is on a Windows drive ({best}, {fstype}): under WSL2 "
+            "its writes and fsyncs cross a file server to NTFS, slowly and with guarantees "
+            "this project has not tested; keep it on the Linux file system (the default "
+            "~/.local/state/nkat-supervise is)")

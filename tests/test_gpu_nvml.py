@@ -365,12 +365,18 @@ def test_processes_lists_pids_at_once_off_the_cadence(fake: FakePynvml) -> None:
     assert sensor.processes(0) is None and sensor.read(0, 2.0).lost
 
 
-def test_processes_of_a_gpu_that_cannot_list_them_is_none(fake: FakePynvml) -> None:
+def test_a_gpu_that_cannot_list_processes_falls_back_to_the_process_table(
+    fake: FakePynvml,
+) -> None:
     fake.gpus[0].pids = None
-    sensor = open_sensor(fake)
+    sensor = open_sensor(fake, process_table=lambda: (777,))
+    sensor.take_notes()
     calls = sum(fake.calls.values())
-    assert sensor.processes(0) is None
-    assert sum(fake.calls.values()) == calls
+    assert sensor.processes(0) == (777,)
+    assert sensor.processes(0) == (777,)
+    assert sum(fake.calls.values()) == calls  # NVML is not asked again
+    [note] = sensor.take_notes()  # said once
+    assert "NVML does not list its processes" in note and "process table" in note
 
 
 def test_pids_every_must_be_positive() -> None:

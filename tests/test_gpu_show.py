@@ -39,7 +39,7 @@ def test_scripted_profile_as_json() -> None:
     status, text = run(json_output=True, sim_gpu="memory_squeeze", sim_at=10.0)
     assert status == EXIT_OK
     report = json.loads(text)
-    assert set(report) == {"source", "message", "devices", "notes"}
+    assert set(report) == {"source", "message", "devices", "notes", "platform"}
     assert report["source"] == "scripted"
     [device] = report["devices"]
     assert set(device) == {"index", "uuid", "name", "thresholds", "reading"}

@@ -7,6 +7,7 @@ field the GPU does not support is never asked again; a lost GPU is never asked a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +16,8 @@ from types import ModuleType
 from typing import Any
 
 from nkat.supervisor.gpu.gate import Failure, Gate
+from nkat.supervisor.gpu.host import WSL2_KNOWN_GAPS, Host, detect
+from nkat.supervisor.gpu.proctable import gpu_device_holders
 from nkat.supervisor.gpu.sensor import (
     FIELDS,
     Device,
@@ -159,7 +162,14 @@ class NvmlSensor:
     clock: stamps Xid events. pids_every: list processes on every n-th poll of a device
     (the first poll included), since that call costs more than all the others together.
     xid_events: run the event thread. event_timeout_ms: how long one event wait blocks,
-    which bounds how long close() takes.
+    which bounds how long close() takes. kernel_release: the kernel's release string
+    (None: the running kernel's), which tells WSL2 apart. process_table: who holds a GPU
+    when NVML cannot list processes (default: `proctable.gpu_device_holders`).
+
+    Under WSL2, NVML's per-process query answers with no processes at all, which would
+    pass any killed worker as gone: it is not asked, the field "pids" is unsupported, and
+    `processes()` reads the process table instead; a note says so, and which fields and
+    thresholds this GPU does not report there.
     """
 
     source = "nvml"
@@ -172,6 +182,8 @@ class NvmlSensor:
         pids_every: int = 5,
         xid_events: bool = True,
         event_timeout_ms: int = 500,
+        kernel_release: str | None = None,
+        process_table: Callable[[], tuple[int, ...] | None] = gpu_device_holders,
     ) -> None:
         if pids_every < 1:
             raise ValueError(f"pids_every must be at least 1, not {pids_every}")
@@ -185,6 +197,9 @@ class NvmlSensor:
         self._watcher: XidWatcher | None = None
         self._notes: list[str] = []
         self._reported_watch_error: str | None = None
+        self.host: Host = detect(kernel_release)
+        self._process_table = process_table
+        self._said_process_table: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -213,6 +228,8 @@ class NvmlSensor:
         if not self._gpus:
             self.close()
             raise GpuUnavailable("no NVIDIA GPU could be opened: " + "; ".join(self._notes))
+        if self.host.wsl2:
+            self._notes.append(self._wsl2_note())
         if self._xid_events:
             handles = {i: gpu.handle for i, gpu in self._gpus.items() if not gpu.lost}
             self._watcher = XidWatcher(gate, handles, self._clock, self._event_timeout_ms)
@@ -240,6 +257,8 @@ class NvmlSensor:
         )
         gpu = _Gpu(device=device, handle=handle, queries={}, unsupported=set())
         for group, queries in candidates.items():
+            if group == "pids" and self.host.wsl2:
+                continue  # an empty list here means "cannot tell", not "no process"
             chosen = self._choose(gpu, group, queries)
             if gpu.lost:
                 break
@@ -350,13 +369,32 @@ class NvmlSensor:
 
     def processes(self, index: int) -> tuple[int, ...] | None:
         """The pids using the GPU now, off the every-few-polls cadence (to confirm that a
-        killed worker let go of the GPU); None when that cannot be known."""
+        killed worker let go of the GPU); None when that cannot be known.
+
+        When NVML cannot list processes (WSL2, or the query is not supported), the
+        process table answers instead: the pids holding a GPU device file (a note says so,
+        once per GPU). A lost GPU answers None.
+        """
         gpu = self._gpus[index]
-        query = None if gpu.lost else gpu.queries.get("pids")
-        if query is None:
+        if gpu.lost:
             return None
-        got = self._ask(gpu, "pids", query)
-        return None if isinstance(got, Failure) else got[0]
+        query = gpu.queries.get("pids")
+        if query is not None:
+            got = self._ask(gpu, "pids", query)
+            if not isinstance(got, Failure):
+                pids: tuple[int, ...] = got[0]
+                return pids
+            if "pids" not in gpu.unsupported:
+                return None  # failed this time only
+        if index not in self._said_process_table:
+            self._said_process_table.add(index)
+            why = ("NVML under WSL2 lists no processes" if self.host.wsl2
+                   else "NVML does not list its processes")
+            self._notes.append(
+                f"GPU {index}: {why}; the killed-pid check uses the process table instead "
+                "(a worker is gone once no process holds /dev/nvidia* or /dev/dxg under its "
+                "pid; a context the driver keeps after its process is gone cannot be seen)")
+        return self._process_table()
 
     def events(self) -> list[XidEvent]:
         return [] if self._watcher is None else self._watcher.drain()
@@ -368,6 +406,21 @@ class NvmlSensor:
             self._notes.append(f"Xid event wait failed: {self._reported_watch_error}")
         notes, self._notes = self._notes, []
         return notes
+
+    def _wsl2_note(self) -> str:
+        """What NVML lacks here, in one line: the known gaps, then what these GPUs do not
+        report (fields and thresholds)."""
+        lacks = list(WSL2_KNOWN_GAPS)
+        for index, gpu in self._gpus.items():
+            fields = sorted(gpu.unsupported - {"pids"})
+            limits = [name for name, value in dataclasses.asdict(gpu.thresholds).items()
+                      if value is None]
+            if fields:
+                lacks.append(f"GPU {index} fields {', '.join(fields)}")
+            if limits:
+                lacks.append(f"GPU {index} thresholds {', '.join(limits)}")
+        return (f"{self.host.describe()}: NVML here lacks {'; '.join(lacks)}. The "
+                "killed-pid check uses the process table; checks on missing fields are off")
 
     def _call(self, gpu: _Gpu, query: _Query) -> Any:
         assert self._gate is not None, "NvmlSensor used before open()"

@@ -14,7 +14,13 @@ message says why), 2 bad profile. `--json` prints one object, stable for scripts
                               "memory_reserved", "clock_event_reasons",
                               "clock_event_reason_names", "ecc_uncorrected_volatile",
                               "pids", "lost", "unsupported": [...], "errors": {...}}}],
-     "notes": ["API fallbacks, fields not reported, …"]}
+     "notes": ["API fallbacks, fields not reported, …"],
+     "platform": {"description": "WSL2 (kernel …)" | "Linux (kernel …)",
+                  "kernel_release": "…", "wsl2": true | false,
+                  "lacks": ["per-process lists (NVML lists no processes)",
+                            "GPU 0 fields utilization_pct", …]}}
+
+``lacks`` is filled under WSL2 only: what NVML there does not give, known or seen.
 
 Units: °C, W, bytes, percent. A value is null when not reported (its field is then in
 `unsupported`) or when reading it failed (its field is in `errors`).
@@ -29,6 +35,7 @@ from dataclasses import asdict
 from types import ModuleType
 from typing import Any, TextIO
 
+from nkat.supervisor.gpu.host import WSL2_KNOWN_GAPS, Host, detect
 from nkat.supervisor.gpu.nvml import NvmlSensor
 from nkat.supervisor.gpu.scripted import ProfileError, ScriptedSensor
 from nkat.supervisor.gpu.sensor import GpuSensor, GpuUnavailable, Reading, reason_names
@@ -47,6 +54,7 @@ def gpu_command(
     sim_at: float = 0.0,
     out: TextIO | None = None,
     nvml: ModuleType | None = None,
+    kernel_release: str | None = None,
 ) -> int:
     """Run `nkat-supervise gpu`; returns the exit status.
 
@@ -54,18 +62,22 @@ def gpu_command(
     sim_at: the profile time to read a simulated GPU at, in profile seconds.
     out: where to print (stdout by default; errors of a text run go to stderr).
     nvml: the pynvml module to use instead of importing it (tests pass a fake).
+    kernel_release: the kernel release string to judge the platform by (tests simulate
+    WSL2 with it); None: the running kernel's.
     """
     out = out or sys.stdout
+    host = detect(kernel_release)
     sensor: GpuSensor
     if sim_gpu:
         try:
             sensor = ScriptedSensor.from_profile(sim_gpu, start_at=sim_at)
         except ProfileError as err:
-            return _fail(out, json_output, "scripted", f"bad GPU profile: {err}", EXIT_BAD_PROFILE)
+            return _fail(out, json_output, "scripted", f"bad GPU profile: {err}", EXIT_BAD_PROFILE,
+                         host)
         message = f"simulated GPU from profile {sensor.profile.source} at t={sim_at:g} s"
     else:
         # One reading needs no Xid event thread.
-        sensor = NvmlSensor(nvml=nvml, xid_events=False)
+        sensor = NvmlSensor(nvml=nvml, xid_events=False, kernel_release=kernel_release)
     try:
         sensor.open()
     except GpuUnavailable as err:
@@ -73,7 +85,11 @@ def gpu_command(
             f"no GPU to watch: {err}. GPU checks are off; "
             "use --sim-gpu PROFILE to see a simulated one"
         )
-        return _fail(out, json_output, "none", message, EXIT_NO_GPU)
+        if host.wsl2:
+            message += (". Under WSL2 the driver is the Windows one: install the NVIDIA "
+                        "driver on Windows (not in Linux); it provides "
+                        "/usr/lib/wsl/lib/libnvidia-ml.so.1")
+        return _fail(out, json_output, "none", message, EXIT_NO_GPU, host)
     try:
         devices = device_reports(sensor)
         notes = sensor.take_notes()
@@ -81,11 +97,16 @@ def gpu_command(
         sensor.close()
     if not sim_gpu:
         message = f"{len(devices)} GPU{'s' if len(devices) != 1 else ''} through NVML"
-    report = {"source": sensor.source, "message": message, "devices": devices, "notes": notes}
+    platform = platform_report(host, devices)
+    report = {"source": sensor.source, "message": message, "devices": devices, "notes": notes,
+              "platform": platform}
     if json_output:
         print(json.dumps(report, indent=2), file=out)
     else:
         print(message, file=out)
+        if host.wsl2:
+            print(f"platform: {host.describe()}; NVML here lacks "
+                  + "; ".join(platform["lacks"]), file=out)
         for device in devices:
             _print_device(device, out)
         if notes:
@@ -107,6 +128,23 @@ def device_reports(sensor: GpuSensor) -> list[dict[str, Any]]:
     ]
 
 
+def platform_report(host: Host, devices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The "platform" object above: under WSL2, what NVML lacks there (the known gaps and
+    what these devices do not report)."""
+    lacks: list[str] = []
+    if host.wsl2:
+        lacks.extend(WSL2_KNOWN_GAPS)
+        for device in devices:
+            fields = [f for f in device["reading"]["unsupported"] if f != "pids"]
+            limits = [k for k, v in device["thresholds"].items() if v is None]
+            if fields:
+                lacks.append(f"GPU {device['index']} fields {', '.join(fields)}")
+            if limits:
+                lacks.append(f"GPU {device['index']} thresholds {', '.join(limits)}")
+    return {"description": host.describe(), "kernel_release": host.kernel_release,
+            "wsl2": host.wsl2, "lacks": lacks}
+
+
 def reading_json(reading: Reading) -> dict[str, Any]:
     """A reading as plain JSON values, without its (process-local) monotonic time."""
     data = asdict(reading)
@@ -119,9 +157,13 @@ def reading_json(reading: Reading) -> dict[str, Any]:
     return data
 
 
-def _fail(out: TextIO, as_json: bool, source: str, message: str, status: int) -> int:
+def _fail(out: TextIO, as_json: bool, source: str, message: str, status: int,
+          host: Host | None = None) -> int:
     if as_json:
-        report = {"source": source, "message": message, "devices": [], "notes": []}
+        report: dict[str, Any] = {"source": source, "message": message, "devices": [],
+                                  "notes": []}
+        if host is not None:
+            report["platform"] = platform_report(host, [])
         print(json.dumps(report, indent=2), file=out)
     else:
         print(f"nkat-supervise gpu: {message}", file=sys.stderr)

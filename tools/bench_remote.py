@@ -1,0 +1,99 @@
+"""Remote signals: how fast a notification reaches a webhook, and how fast a cloud's
+preemption notice is seen. ``python tools/bench.py remote [--json] [--quick]``.
+
+Figures (one run, on this machine, loopback only):
+  notify_lag_ms_p50 / _max          submit -> the webhook receiver has the document
+  preempt_notice_to_seen_ms_p50_<cloud>   notice published -> PreemptionWatch has it,
+                                    at preemption_poll_interval 1 s (GCP: hanging GET)
+
+The supervisor adds a durable checkpoint after the notice is seen; tools/bench_cli.py
+measures notice -> durable with `measure_notice_latency_ms` once the run loop acts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from nkat.supervisor.metadata_fake import measure_notice_latency_ms
+from nkat.supervisor.notifier import Notifier
+from nkat.supervisor.notify import NotifyEvent, NotifySettings
+from nkat.supervisor.preemption import CLOUDS, PreemptionSettings
+from nkat.supervisor.preemption_watch import PreemptionWatch
+
+
+class _NullLog:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def notify_lag_ms(trials: int) -> list[float]:
+    """Submit -> received, per event, against a receiver on 127.0.0.1."""
+    arrived = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            arrived.set()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/hook"
+    notifier = Notifier(NotifySettings(notify_url=url), _NullLog())
+    samples = []
+    try:
+        for n in range(trials):
+            arrived.clear()
+            started = time.monotonic()
+            notifier.submit(NotifyEvent("worker.crash_loop", "bench", {"n": n}, time.time()))
+            if not arrived.wait(10):
+                raise RuntimeError("the webhook never received the event")
+            samples.append((time.monotonic() - started) * 1000.0)
+            notifier.wait_idle(5)
+    finally:
+        notifier.close(timeout=2)
+        server.shutdown()
+        server.server_close()
+    return samples
+
+
+def preempt_seen_ms(cloud: str, trials: int, interval: float = 1.0) -> list[float]:
+    def start(url: str) -> PreemptionWatch:
+        settings = PreemptionSettings(preemption=cloud, metadata_url=url,
+                                      preemption_poll_interval=interval)
+        return PreemptionWatch(settings, _NullLog())
+
+    def reached(watch: PreemptionWatch, t_notice: float) -> float:
+        notice = watch.wait(30)
+        if notice is None:
+            raise RuntimeError(f"{cloud}: the notice was not seen within 30 s")
+        return notice.seen_mono
+
+    # A random settle time puts the notice at a random phase of the poll cycle.
+    phases = random.Random(13)
+    return measure_notice_latency_ms(cloud, start, reached, PreemptionWatch.close,
+                                     trials=trials,
+                                     settle_s=lambda: 0.2 + phases.uniform(0, interval))
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    trials = 5 if args.quick else 20
+    lags = notify_lag_ms(trials)
+    figures = {"notify_lag_ms_p50": round(statistics.median(lags), 2),
+               "notify_lag_ms_max": round(max(lags), 2)}
+    for cloud in CLOUDS:
+        seen = preempt_seen_ms(cloud, 3 if args.quick else 10)
+        figures[f"preempt_notice_to_seen_ms_p50_{cloud}"] = round(statistics.median(seen), 1)
+        figures[f"preempt_notice_to_seen_ms_max_{cloud}"] = round(max(seen), 1)
+    return figures

@@ -36,11 +36,13 @@ from nkat.protocol.settings import (
     parse_text,
     setting,
 )
+from nkat.supervisor.notify import NotifySettings
 from nkat.supervisor.policies.kill_sequence import KillSettings
 from nkat.supervisor.policies.resources import ResourceSettings
 from nkat.supervisor.policies.restart_policy import RestartSettings
 from nkat.supervisor.policies.thermal import ThermalSettings
 from nkat.supervisor.policies.watchdog import WatchdogSettings
+from nkat.supervisor.preemption import PreemptionSettings
 
 
 class ConfigError(ValueError):
@@ -103,7 +105,8 @@ class OperatorSettings:
 #: Every settings dataclass whose declared fields are config keys, in the table's order.
 SOURCES: tuple[type, ...] = (JobChoice, NkatParams, WorkerSettings, WatchdogSettings,
                              KillSettings, RestartSettings, DurabilitySettings,
-                             ThermalSettings, ResourceSettings, GpuSettings, OperatorSettings)
+                             ThermalSettings, ResourceSettings, GpuSettings, OperatorSettings,
+                             NotifySettings, PreemptionSettings)
 
 KEYS: tuple[Key, ...] = tuple(k for cls in SOURCES for k in keys_of(cls))
 KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
@@ -203,6 +206,13 @@ def check_relations(values: Mapping[str, Any]) -> None:
                 or not 0 < int(port) < 65536:
             raise ConfigError(f"metrics_addr: must be a loopback host:port such as "
                               f"127.0.0.1:9108, got {addr!r}")
+    # Each settings class checks its own fields together too (its __post_init__).
+    for cls in SOURCES:
+        names = [f.name for f in dataclasses.fields(cls) if f.name in values]
+        try:
+            cls(**{name: values[name] for name in names})
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def defaults() -> Config:

@@ -51,6 +51,7 @@ from nkat.supervisor.journal import (
     SpawnReason,
     Stop,
 )
+from nkat.supervisor.notify import CrashLoopAlarm
 from nkat.supervisor.policies.kill_sequence import Action, KillReason, KillSequence, KillSettings
 from nkat.supervisor.policies.lifecycle import WorkerState, can_transition, check_transition
 from nkat.supervisor.policies.resources import LeakWatch, MemoryWatch, PowerWatch, ResourceSettings
@@ -195,6 +196,18 @@ class HealthReading:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreemptionNoticed:
+    """The cloud announced this instance's end (``deadline_wall``: when, if it said;
+    ``wall``: the wall clock as the shell fed it)."""
+
+    cloud: str
+    deadline_wall: float | None
+    detail: str
+    mono: float
+    wall: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Appended:
     """A WAL append's result; ``then`` is the effect's, handed back."""
 
@@ -207,7 +220,8 @@ class Appended:
 
 
 Input = (Start | Tick | WorkerMessage | MalformedMessage | WorkerSpawned | SpawnFailed
-         | CheckpointLoaded | ControlRequest | SignalReceived | HealthReading | Appended)
+         | CheckpointLoaded | ControlRequest | SignalReceived | HealthReading | Appended
+         | PreemptionNoticed)
 
 
 # Effects -----------------------------------------------------------------------------------
@@ -315,6 +329,15 @@ class Count:
 
 
 @dataclasses.dataclass(frozen=True)
+class Notify:
+    """Tell someone far away (``notify_url``, ``notify_command``): one of the kinds of
+    ``nkat.supervisor.notify.KINDS``; delivery never holds up the loop."""
+
+    kind: str
+    fields: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class QuietDisplay:
     """The terminal went away: stop the progress line."""
 
@@ -328,7 +351,7 @@ class Finish:
 
 Effect = (Append | AppendCheckpoint | Send | SignalWorker | Spawn | LoadCheckpoint
           | ReleaseWorker | Reply | WriteStatus | WriteResult | Publish | Log | Count
-          | QuietDisplay | Finish)
+          | Notify | QuietDisplay | Finish)
 
 
 # Continuations of appends (what to do once a record is durable) ---------------------------
@@ -398,6 +421,7 @@ class GpuInfo:
 class StopRequest:
     why: str
     desired: Desired
+    deadline: float | None = None  # seconds the final checkpoint may take, if sooner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,6 +543,8 @@ class RunState:
     outcome: Outcome | None = None
     protocol_errors: int = 0
     foreign_dropped: int = 0
+    crash_alarm: CrashLoopAlarm | None = None
+    preempted: PreemptionNoticed | None = None
     mono: float = 0.0
     wall: float | None = None
     next_status: float = 0.0
@@ -549,7 +575,8 @@ class RunController:
                   for g in gpus},
             workers={wid: WorkerSlot(wid, gpu_index=int(config["gpu_index"]),
                                      policy=RestartPolicy(self._restart_settings, self._rng))
-                     for wid in worker_ids})
+                     for wid in worker_ids},
+            crash_alarm=CrashLoopAlarm(window=self._restart_settings.restart_window))
         self._out: list[Effect] = []
 
     # The one entry point ------------------------------------------------------------------
@@ -581,6 +608,8 @@ class RunController:
             self._give_up(f"cannot start the worker: {event.error}")
         elif isinstance(event, CheckpointLoaded):
             self._on_checkpoint_loaded(event)
+        elif isinstance(event, PreemptionNoticed):
+            self._on_preemption(event)
         elif isinstance(event, Start):
             for gpu in self.run.gpus.values():
                 self._log("info", "gpu.opened", source=gpu.info.source, index=gpu.info.index,
@@ -814,6 +843,8 @@ class RunController:
         elif isinstance(then, _CheckpointDurable):
             self.run.durable = Durable(then.ckpt_seq, then.units_done, event.t_wall)
             self.run.ack_seconds.append(event.seconds)
+            assert self.run.crash_alarm is not None
+            self.run.crash_alarm.progressed()
             slot = self.run.workers[then.worker]
             if slot.epoch == then.epoch:
                 slot.policy.on_durable_checkpoint(then.ckpt_seq)
@@ -826,6 +857,9 @@ class RunController:
             self.run.done_recorded = True
             self._emit(WriteResult(then.result))
             self._log("info", "run.completed", epoch=then.epoch, result=self.facts.result_path)
+            self._emit(Notify("run.completed", {"result": self.facts.result_path,
+                                                "epochs": then.epoch,
+                                                "restarts": self.run.restarts}))
             self._emit(Send(then.worker, m.Ack(epoch=then.epoch, ckpt_seq=m.DONE_ACK_SEQ)))
         elif isinstance(then, _StopDurable):
             self._log("info", "run.stopped", reason=then.reason, desired=then.desired.value,
@@ -842,8 +876,9 @@ class RunController:
             return
         self.run.wal_failed = True
         self.run.wal_error = f"the write-ahead log could not be written: {error}"
-        self._log("critical", "wal.write_failed", error=error,
-                  advice=advice or "free disk space or fix the device, then run start again")
+        advice = advice or "free disk space or fix the device, then run start again"
+        self._log("critical", "wal.write_failed", error=error, advice=advice)
+        self._emit(Notify("wal.write_failed", {"error": error, "advice": advice}))
         alive = [s for s in self.run.workers.values() if s.state.has_process]
         for slot in alive:
             self._begin_kill(slot, KillReason.WAL_FAILED)
@@ -883,10 +918,12 @@ class RunController:
         desired = Desired.RUNNING if sig is RunSignal.TERM else Desired.STOPPED
         self._request_stop(f"signal {sig.value}", desired)
 
-    def _request_stop(self, why: str, desired: Desired) -> None:
+    def _request_stop(self, why: str, desired: Desired, deadline: float | None = None) -> None:
+        """Stop the run: each worker gets ``cmd stop`` (a final checkpoint), within
+        ``stop_deadline`` or the ``deadline`` (s) if sooner, then the stop is recorded."""
         if self.run.stop is not None:
             return
-        self.run.stop = StopRequest(why, desired)
+        self.run.stop = StopRequest(why, desired, deadline)
         self._log("info", "run.stopping", reason=why, epoch=self.run.epoch)
         waiting = True
         for slot in self.run.workers.values():
@@ -912,6 +949,20 @@ class RunController:
             return
         self._append(Stop(reason=why, desired=desired, ckpt_seq=self.run.durable.ckpt_seq),
                      _StopDurable(why, desired))
+
+    def _on_preemption(self, event: PreemptionNoticed) -> None:
+        """The instance is going away: a final checkpoint at once (a graceful stop, within
+        the notice's deadline), then a stop record a boot resumes (``interrupted``)."""
+        if self.run.preempted is not None:
+            return
+        self.run.preempted = event
+        left = None if event.deadline_wall is None else event.deadline_wall - event.wall
+        self._append(Event(EventKind.PREEMPTED, event.detail, fields={
+            "cloud": event.cloud, "deadline_wall": event.deadline_wall}))
+        self._log("warning", "run.preempted", cloud=event.cloud, detail=event.detail,
+                  seconds_left=None if left is None else round(left, 1))
+        self._request_stop(f"preemption notice from {event.cloud}", Desired.RUNNING,
+                           deadline=left)
 
     # Spawning ---------------------------------------------------------------------------
     def _start_worker(self, slot: WorkerSlot, reason: SpawnReason) -> None:
@@ -1002,7 +1053,7 @@ class RunController:
         action = seq.next_action(now, alive=left is not None)
         if action is Action.SEND_STOP:
             self._send(slot, m.Cmd(epoch=slot.epoch, op="stop",
-                                   args={"deadline_s": self._kill_settings.stop_deadline}))
+                                   args={"deadline_s": self._stop_deadline()}))
         elif action is Action.SEND_DUMP:
             self._log("warning", "worker.dump_requested", epoch=slot.epoch, pid=slot.pid,
                       last_beats=list(slot.last_beats))
@@ -1025,6 +1076,15 @@ class RunController:
         if slot.state is not target and slot.state.has_process:
             self._set_state(slot, target)
 
+    def _stop_deadline(self) -> float:
+        """How long a worker has for its final checkpoint: ``stop_deadline``, or less when
+        a stop came with a deadline of its own (a preemption notice), keeping a margin."""
+        wanted = self._kill_settings.stop_deadline
+        stop = self.run.stop
+        if stop is not None and stop.deadline is not None:
+            wanted = min(wanted, max(0.5, stop.deadline * 0.5))
+        return wanted
+
     def _kill_failed(self, slot: WorkerSlot, left: str) -> None:
         confirm = self._kill_settings.kill_confirm
         reason = (f"worker pid {slot.pid} (epoch {slot.epoch}) is not gone {confirm:g} s "
@@ -1035,6 +1095,8 @@ class RunController:
                          "driver?); reboot or reset the GPU, then run start again")
         self._append(Event(EventKind.KILL_FAILED, reason, epoch=slot.epoch,
                            fields={"pid": slot.pid}))
+        self._emit(Notify("worker.kill_failed", {"pid": slot.pid, "epoch": slot.epoch,
+                                                 "reason": reason}))
         self._set_state(slot, WorkerState.KILL_FAILED)
         self._finish("kill_failed", ExitCode.GAVE_UP,
                      f"{reason}. Reset the GPU or reboot, then run start again")
@@ -1117,11 +1179,22 @@ class RunController:
             self._emit(Count(Metric.RESTART, label=decision.exit_class.value))
             self._log("warning", "worker.restart_scheduled", reason=decision.reason,
                       delay_s=round(decision.delay, 3), exit_class=decision.exit_class.value)
+            assert self.run.crash_alarm is not None
+            crashes = self.run.crash_alarm.crashed(now) if decision.exit_class.is_crash \
+                else None
+            if crashes is not None:
+                self._emit(Notify("worker.crash_loop", {
+                    "crashes": crashes, "window_s": self._restart_settings.restart_window,
+                    "max_restarts": self._restart_settings.max_restarts,
+                    "exit_class": decision.exit_class.value, "reason": decision.reason}))
 
     def _give_up(self, reason: str) -> None:
         self._append(Event.gave_up(reason))
+        advice = "fix the cause, then run start again to resume"
         self._log("error", "run.gave_up", reason=reason, ckpt_seq=self.run.durable.ckpt_seq,
-                  advice="fix the cause, then run start again to resume")
+                  advice=advice)
+        self._emit(Notify("run.gave_up", {"reason": reason, "advice": advice,
+                                          "ckpt_seq": self.run.durable.ckpt_seq}))
         for slot in self.run.workers.values():
             if can_transition(slot.state, WorkerState.GAVE_UP):
                 self._set_state(slot, WorkerState.GAVE_UP)
@@ -1178,6 +1251,9 @@ class RunController:
                 actions.append(HealthAction(HealthActionKind.THERMAL_STOP, thermal.reason))
             elif thermal.kind is ThermalActionKind.KILL_NOW:
                 actions.append(HealthAction(HealthActionKind.THERMAL_KILL, thermal.reason))
+                self._emit(Notify("thermal.kill_now", {"temperature": reading.temperature,
+                                                       "reason": thermal.reason,
+                                                       "gpu": gpu.info.index}))
         memory = gpu.memory.update(now, reading.memory_used, reading.memory_total)
         if memory is not None:
             self._log("warning", "gpu.memory_high", reason=memory.reason, **memory.fields)

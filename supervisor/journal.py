@@ -19,7 +19,6 @@ Event kinds (docs/architecture.md lists the same):
 - ``gpu_reset``: an Xid or a lost GPU that needs a reset or a reboot.
 - ``thermal_stop``, ``thermal_kill``: the thermal ladder stopped or killed the worker.
 - ``leak``: worker RSS grew too fast; a planned restart.
-- ``protocol_violation``: a worker broke the protocol and was ended.
 - ``gave_up``: the run gave up (exit 3, resumable).
 - ``backend``: the array backend the run is pinned to (first start, or a switch).
 - ``preempted``: the cloud announced the instance's end; the run was checkpointed.
@@ -44,7 +43,6 @@ class EventKind(enum.StrEnum):
     THERMAL_STOP = "thermal_stop"
     THERMAL_KILL = "thermal_kill"
     LEAK = "leak"
-    PROTOCOL_VIOLATION = "protocol_violation"
     GAVE_UP = "gave_up"
     BACKEND = "backend"
     PREEMPTED = "preempted"

@@ -28,17 +28,26 @@ from nkat.supervisor.config import (
 )
 from nkat.supervisor.controller import Durable, RunController, RunFacts
 from nkat.supervisor.exitcode import ExitCode
+from nkat.supervisor.gpu.host import detect as detect_host
+from nkat.supervisor.gpu.host import state_dir_advice
 from nkat.supervisor.health import open_probe
 from nkat.supervisor.jsonlog import open_run_log
+from nkat.supervisor.notify import NotifySettings
 from nkat.supervisor.ops.inspect import History, run_state_from_disk, summarize
 from nkat.supervisor.ops.progress import ProgressDisplay
 from nkat.supervisor.ops.stdout import say as print_line
+from nkat.supervisor.preemption import PreemptionSettings
 from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id
 from nkat.supervisor.supervise import Shell
 from nkat.supervisor.wal import CheckpointInfo, Wal, WalCorrupted, WalError
 
 if TYPE_CHECKING:
+    from nkat.supervisor.notifier import Notifier
     from nkat.supervisor.ops.metrics import RunMetrics
+    from nkat.supervisor.preemption_watch import PreemptionWatch
+
+#: How long the supervisor waits, on its way out, for the last notifications to go out.
+NOTIFY_FLUSH_S = 10.0
 
 
 def pick_run(state: Path, config: Config, *, run_id: str | None, fresh: bool,
@@ -176,9 +185,14 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     else:
         say(f"started run {run.run_id} (state in {run.path})")
         log.info("run.started", spec=run.info.spec)
+    advice = state_dir_advice(run.path, detect_host())
+    if advice:
+        log.warning("run.state_dir_on_windows", advice=advice)
+        say(advice)
     probe = open_probe(config, sim_gpu, log, say, time.monotonic())
     metrics = _start_metrics(run, config, log, say)
     display = None if quiet else ProgressDisplay(sys.stdout)
+    notifier, preemption = _remote_watchers(config, log)
     durable = Durable(latest.ckpt_seq, latest.units_done, latest.t_wall) if latest else Durable()
     facts = RunFacts(run.run_id, run.info.spec, epoch=history.epoch, durable=durable,
                      restarts=history.restarts, result_path=str(run.result_file),
@@ -186,7 +200,8 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     controller = RunController(config, facts, gpus=probe.gpus if probe else (),
                                rng=random.Random())
     shell = Shell(run, wal, log, controller, probe=probe, metrics=metrics,
-                  on_status=display.update if display else None)
+                  on_status=display.update if display else None, notifier=notifier,
+                  preemption=preemption)
     try:
         code = ExitCode(shell.run())
     finally:
@@ -196,6 +211,10 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
             probe.close()
         if metrics:
             metrics.close()
+        if preemption:
+            preemption.close()
+        if notifier:
+            notifier.close(timeout=NOTIFY_FLUSH_S)  # the final event reaches its receiver
     _say_outcome(say, run, controller)
     return code
 
@@ -224,6 +243,24 @@ def _say_resumed(run: RunDir, history: History, latest: CheckpointInfo | None, l
         log.warning("run.recovered_unclean", ckpt_seq=ckpt_seq,
                     units_done=latest.units_done if latest else 0,
                     last_record=journal.record_type(last).value)
+
+
+def _remote_watchers(config: Config, log: Any) -> tuple[Notifier | None,
+                                                        PreemptionWatch | None]:
+    """The notifier and the preemption watch, when configured (each imports its HTTP
+    client only then: the supervisor starts light)."""
+    notify, preempt = NotifySettings.from_config(config), PreemptionSettings.from_config(config)
+    notifier: Notifier | None = None
+    preemption: PreemptionWatch | None = None
+    if notify.enabled:
+        from nkat.supervisor.notifier import Notifier
+
+        notifier = Notifier(notify, log)
+    if preempt.enabled:
+        from nkat.supervisor.preemption_watch import PreemptionWatch
+
+        preemption = PreemptionWatch(preempt, log)
+    return notifier, preemption
 
 
 def _start_metrics(run: RunDir, config: Config, log: Any, say: Any) -> RunMetrics | None:

@@ -27,9 +27,13 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from nkat.protocol.settings import Role, setting
 from nkat.supervisor.policies.settings import FromConfig
 
 SCHEMA = "nkat-supervise.notify/1"
+
+
+_SUP = Role.SUPERVISOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +47,15 @@ class NotifySettings(FromConfig):
         command's run) before it counts as failed and is retried.
     """
 
-    notify_url: str | None = None
-    notify_command: str | None = None
-    notify_timeout: float = 10.0
+    notify_url: str | None = setting(
+        None, "POST a JSON document per event (run end, kill_failed, thermal emergency, crash "
+        "loop, WAL write failure) to this http(s) URL: an ntfy topic, a Slack webhook, ...",
+        role=_SUP)
+    notify_command: str | None = setting(
+        None, "run this command per event with the JSON document on stdin", role=_SUP)
+    notify_timeout: float = setting(
+        10.0, "seconds one notification attempt may take before it is retried", role=_SUP,
+        low=0.1, high=600)
 
     def __post_init__(self) -> None:
         if self.notify_url is not None and not self.notify_url.startswith(

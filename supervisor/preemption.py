@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import email.utils
 import json
 from typing import Any
 
+from nkat.protocol.settings import Role, setting
 from nkat.supervisor.policies.settings import FromConfig
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -64,6 +64,9 @@ class MetadataError(Exception):
     """An answer that is not one of the documented ones (the message quotes it)."""
 
 
+_SUP = Role.SUPERVISOR
+
+
 @dataclasses.dataclass(frozen=True)
 class PreemptionSettings(FromConfig):
     """Field names are the config keys.
@@ -73,9 +76,15 @@ class PreemptionSettings(FromConfig):
     preemption_poll_interval: seconds between polls (GCP waits for a change instead).
     """
 
-    preemption: str = "off"
-    metadata_url: str | None = None
-    preemption_poll_interval: float = 1.0
+    preemption: str = setting(
+        "off", "watch this cloud's metadata service for a spot/preemption notice", role=_SUP,
+        choices=("off", *CLOUDS))
+    metadata_url: str | None = setting(
+        None, "base URL of the instance metadata service (null: the cloud's own); for tests",
+        role=_SUP)
+    preemption_poll_interval: float = setting(
+        1.0, "seconds between metadata polls (GCP waits for a change instead)", role=_SUP,
+        low=0.05, high=60)
 
     def __post_init__(self) -> None:
         if self.preemption not in ("off", *CLOUDS):
@@ -182,8 +191,11 @@ def _iso_to_wall(text: str) -> float:
 
 
 def _rfc1123_to_wall(text: str) -> float:
+    # Azure writes "Mon, 19 Sep 2016 18:29:47 GMT"; Python parses English names whatever
+    # the locale, as the process never calls setlocale.
     try:
-        return email.utils.parsedate_to_datetime(text).timestamp()
+        when = datetime.datetime.strptime(text.strip(), "%a, %d %b %Y %H:%M:%S GMT")
+        return when.replace(tzinfo=datetime.UTC).timestamp()
     except (TypeError, ValueError) as exc:
         raise MetadataError(f"NotBefore is not an RFC 1123 date: {text!r}") from exc
 

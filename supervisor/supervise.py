@@ -27,13 +27,16 @@ from nkat.protocol import messages as m
 from nkat.supervisor import control, journal
 from nkat.supervisor import controller as c
 from nkat.supervisor.health import GpuProbe
+from nkat.supervisor.notify import NotifyEvent
 from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.rundir import RunDir, RunDirError
 from nkat.supervisor.spawn import WorkerProcess
 from nkat.supervisor.wal import Wal, WalError
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked for
+    from nkat.supervisor.notifier import Notifier
     from nkat.supervisor.ops.metrics import RunMetrics
+    from nkat.supervisor.preemption_watch import PreemptionWatch
 
 POLL_MS = 100
 MAX_IPC_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
@@ -47,7 +50,8 @@ class Shell:
     """Runs one controller against real sockets, processes, files and clocks."""
 
     def __init__(self, run: RunDir, wal: Wal, log: Any, controller: c.RunController, *,
-                 probe: GpuProbe | None = None,
+                 probe: GpuProbe | None = None, notifier: Notifier | None = None,
+                 preemption: PreemptionWatch | None = None,
                  on_status: Callable[[dict[str, Any]], None] | None = None,
                  metrics: RunMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -55,6 +59,7 @@ class Shell:
         self.run_dir, self.wal, self.log, self.controller = run, wal, log, controller
         self.probe, self.on_status, self.metrics, self.clock, self.wall = \
             probe, on_status, metrics, clock, wall
+        self.notifier, self.preemption = notifier, preemption
         self.ctx = zmq.Context()
         self.workers: dict[str, WorkerProcess] = {}
         self.signals: collections.deque[int] = collections.deque()
@@ -102,6 +107,10 @@ class Shell:
                     self.log.info(f"worker.{stream}", epoch=worker.epoch, line=line)
         while self.signals:
             self._feed(c.SignalReceived(_SIGNALS[self.signals.popleft()], self.clock()))
+        notice = self.preemption.notice() if self.preemption else None
+        if notice is not None and self.controller.run.preempted is None:
+            self._feed(c.PreemptionNoticed(notice.cloud, notice.deadline_wall, notice.detail,
+                                           self.clock(), self.wall()))
         now = self.clock()
         self._feed(c.Tick(now, self.wall(), {wid: self._view(wid, w)
                                             for wid, w in self.workers.items()}))
@@ -227,6 +236,9 @@ class Shell:
             self._publish(effect.payload)
         elif isinstance(effect, c.Count) and self.metrics is not None:
             self.metrics.count(effect.metric.value, effect.value, effect.label)
+        elif isinstance(effect, c.Notify) and self.notifier is not None:
+            self.notifier.submit(NotifyEvent(effect.kind, self.run_dir.run_id, effect.fields,
+                                             self.wall()))
         elif isinstance(effect, c.QuietDisplay):
             self.on_status = None
         elif isinstance(effect, c.Finish):

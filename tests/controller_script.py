@@ -76,6 +76,7 @@ class Script:
         self.replies: list[tuple[Any, dict[str, Any]]] = []
         self.statuses: list[dict[str, Any]] = []
         self.results: list[Any] = []
+        self.notified: list[c.Notify] = []
         self.finish: c.Finish | None = None
         self.workers: dict[str, FakeWorker] = {}
         self.history: list[FakeWorker] = []
@@ -246,6 +247,8 @@ class Script:
             self.statuses.append(effect.status)
         elif isinstance(effect, c.WriteResult):
             self.results.append(effect.result)
+        elif isinstance(effect, c.Notify):
+            self.notified.append(effect)
         elif isinstance(effect, c.Finish):
             assert self.finish is None, "Finish twice"
             self.finish = effect

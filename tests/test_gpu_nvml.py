@@ -11,7 +11,7 @@ import pytest
 from nkat.supervisor.gpu import xid_events
 from nkat.supervisor.gpu.nvml import NvmlSensor
 from nkat.supervisor.gpu.sensor import FIELDS, GpuUnavailable, XidEvent
-from tests.fake_pynvml import GIB, MIB, FakeGpu, FakePynvml
+from nkat.supervisor.testing.fake_nvml import GIB, MIB, FakeGpu, FakePynvml
 
 
 def open_sensor(fake: FakePynvml, **kwargs) -> NvmlSensor:

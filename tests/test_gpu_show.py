@@ -9,7 +9,7 @@ import pynvml as real
 import pytest
 
 from nkat.supervisor.gpu.show import EXIT_BAD_PROFILE, EXIT_NO_GPU, EXIT_OK, gpu_command
-from tests.fake_pynvml import FakeGpu, FakePynvml
+from nkat.supervisor.testing.fake_nvml import FakeGpu, FakePynvml
 
 READING_KEYS = {
     "temperature", "thermal_margin", "power_w", "utilization_pct", "memory_used",

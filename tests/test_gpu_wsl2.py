@@ -20,7 +20,7 @@ from nkat.supervisor.gpu.host import detect, kernel_release, state_dir_advice
 from nkat.supervisor.gpu.nvml import NvmlSensor
 from nkat.supervisor.gpu.proctable import GPU_DEVICE, gpu_device_holders
 from nkat.supervisor.gpu.show import EXIT_NO_GPU, EXIT_OK, gpu_command
-from tests.fake_pynvml import FakeGpu, FakePynvml
+from nkat.supervisor.testing.fake_nvml import FakeGpu, FakePynvml
 
 WSL2 = "5.15.153.1-microsoft-standard-WSL2"
 NATIVE = "6.1.0-18-amd64"

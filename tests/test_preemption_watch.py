@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from nkat.supervisor.metadata_fake import FakeMetadataServer, measure_notice_latency_ms
 from nkat.supervisor.preemption import PreemptionSettings
 from nkat.supervisor.preemption_watch import PreemptionWatch
+from nkat.supervisor.testing.metadata_fake import FakeMetadataServer, measure_notice_latency_ms
 from tests.webhook_receiver import RecordingLog
 
 CLOUDS = ("aws", "gcp", "azure")

@@ -11,7 +11,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 SUITES = ("wal", "nkat", "supervisor", "gpu", "cli", "remote")
 
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    # Run as a script, tools/ is on the path already: the suites import as top-level modules.
     module = importlib.import_module(f"bench_{args.suite}")
     figures = module.run(args)
     if args.json:

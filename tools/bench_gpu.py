@@ -111,9 +111,7 @@ def _pct(sorted_ms: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    # The fake lives with the tests, which are not installed: import it from the checkout.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.fake_pynvml import FakePynvml
+    from nkat.supervisor.testing.fake_nvml import FakePynvml
 
     polls = 2_000 if getattr(args, "quick", False) else 20_000
     fake = FakePynvml()

@@ -20,11 +20,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nkat.supervisor.metadata_fake import measure_notice_latency_ms
 from nkat.supervisor.notifier import Notifier
 from nkat.supervisor.notify import NotifyEvent, NotifySettings
 from nkat.supervisor.preemption import CLOUDS, PreemptionSettings
 from nkat.supervisor.preemption_watch import PreemptionWatch
+from nkat.supervisor.testing.metadata_fake import measure_notice_latency_ms
 
 
 class _NullLog:

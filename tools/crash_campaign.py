@@ -49,10 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import (  # noqa: E402 - after the path insert that finds it
+from benchlib import (  # run as a script: tools/ is on the path
     SupervisedRun,
     deterministic,
     events_of,
@@ -60,8 +57,8 @@ from benchlib import (  # noqa: E402 - after the path insert that finds it
     wait_gone,
 )
 
-from nkat.supervisor.wal import RecordType, WalError, verify  # noqa: E402
-from nkat.supervisor.wal.readonly import read_records  # noqa: E402
+from nkat.supervisor.wal import RecordType, WalError, verify
+from nkat.supervisor.wal.readonly import read_records
 
 KINDS = ("worker", "supervisor", "both")
 #: How long a worker may outlive its SIGKILLed supervisor before it counts as an orphan.

@@ -15,9 +15,11 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import pynvml as real
+
+T = TypeVar("T")
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -96,7 +98,8 @@ class FakePynvml:
 
     # -- programming the fake -----------------------------------------------------
 
-    def fail(self, func: str, code: int, *, index: int | None = None, times: int | None = None):
+    def fail(self, func: str, code: int, *, index: int | None = None,
+             times: int | None = None) -> None:
         """Make `func` raise NVMLError(code) on GPU `index` (any GPU when None), `times`
         times (for ever when None)."""
         self._failures[(func, index)] = [code, times]
@@ -141,7 +144,7 @@ class FakePynvml:
         return self.gpus[handle.index]
 
     @staticmethod
-    def _value(value: Any) -> Any:
+    def _value(value: T | None) -> T:
         if value is None:
             raise real.NVMLError(real.NVML_ERROR_NOT_SUPPORTED)
         return value

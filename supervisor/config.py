@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from nkat.protocol.messages import ProtocolError, Welcome, decode, encode
 from nkat.protocol.settings import (
     Key,
     NkatParams,
@@ -50,6 +51,8 @@ class ConfigError(ValueError):
 
 
 NKAT_JOB = "nkat-highdim"
+#: A config file larger than this is refused unread (a config is a few flat keys).
+MAX_CONFIG_BYTES = 1 << 20
 #: ``--set params.NAME=VALUE`` passes NAME straight to a custom job's params.
 PARAM_PREFIX = "params."
 _SUP = Role.SUPERVISOR
@@ -215,6 +218,18 @@ def check_relations(values: Mapping[str, Any]) -> None:
             raise ConfigError(str(exc)) from None
 
 
+def check_wire(config: Config) -> None:
+    """ConfigError unless the run's spec and worker settings fit in a ``welcome`` the
+    worker can decode (the wire's size, depth and count limits)."""
+    welcome = Welcome(epoch=1, run_id="r" * 64, spec=config.job_spec(),
+                      settings=config.role(Role.WORKER), resume=None)
+    try:
+        decode(encode(welcome))
+    except (ProtocolError, ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"the job's spec cannot travel to the worker: {str(exc)[:300]} "
+                          "(params must be a few plain values)") from None
+
+
 def defaults() -> Config:
     return Config({k.name: k.default for k in KEYS}, dict.fromkeys(KEY_BY_NAME, "default"))
 
@@ -237,13 +252,23 @@ def read_toml(path: Path) -> dict[str, Any]:
     """A config file's flat keys. Tables are allowed for grouping and are flattened."""
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes; a "
+                          "config is a few flat keys")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, deep nesting
+        raise ConfigError(f"config file {path}: cannot be read as a config: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
     flat: dict[str, Any] = {}
     for name, value in data.items():
         if name == "params" and isinstance(value, dict):

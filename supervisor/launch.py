@@ -9,10 +9,12 @@ only runs that were running when the machine went down (never ones an operator s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +38,9 @@ from nkat.supervisor.notify import NotifySettings
 from nkat.supervisor.ops.inspect import History, run_state_from_disk, summarize
 from nkat.supervisor.ops.progress import ProgressDisplay
 from nkat.supervisor.ops.stdout import say as print_line
+from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.preemption import PreemptionSettings
-from nkat.supervisor.rundir import RunDir, RunLocked, list_runs, new_run_id
+from nkat.supervisor.rundir import RunDir, RunDirError, RunLocked, list_runs, new_run_id
 from nkat.supervisor.supervise import Shell
 from nkat.supervisor.wal import CheckpointInfo, Wal, WalCorrupted, WalError
 
@@ -204,6 +207,10 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
                   preemption=preemption)
     try:
         code = ExitCode(shell.run())
+    except RunDirError:
+        raise  # a socket path too long for this state dir: a usage error, said as such
+    except Exception as exc:  # noqa: BLE001 - whatever failed the loop is recorded, exit 3
+        code = _record_failure(run, wal, log, exc)
     finally:
         if display:
             display.close()
@@ -217,6 +224,21 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
             notifier.close(timeout=NOTIFY_FLUSH_S)  # the final event reaches its receiver
     _say_outcome(say, run, controller)
     return code
+
+
+def _record_failure(run: RunDir, wal: Wal, log: Any, exc: BaseException) -> ExitCode:
+    """The loop itself failed (a bug, or the OS refusing what it needs): say why, record a
+    give-up if the log can still take it, and exit 3; the run stays resumable."""
+    reason = f"the supervisor failed: {type(exc).__name__}: {exc}"
+    advice = io_advice(exc) if getattr(exc, "errno", None) else \
+        "a bug: please report it with this run's log"
+    log.critical("supervisor.failed", error=reason, advice=advice,
+                 traceback=traceback.format_exc())
+    with contextlib.suppress(WalError, OSError):
+        journal.write(wal, journal.Event.gave_up(reason), time.time)
+    print(f"nkat-supervise: run {run.run_id} gave up: {reason}\n  Advice: {advice}. The run "
+          f"is resumable: see `nkat-supervise logs {run.run_id}`.", file=sys.stderr)
+    return ExitCode.GAVE_UP
 
 
 def _say_resumed(run: RunDir, history: History, latest: CheckpointInfo | None, log: Any,

@@ -23,3 +23,33 @@ def io_advice(exc: BaseException) -> str:
     if code in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full: free space, then run start again"
     return "free disk space or fix the device, then run start again"
+
+
+#: File handles a supervisor needs at least: its sockets and their bounded connections
+#: (``MAX_PEERS`` each on sock/worker and sock/control), the HTTP servers' bounded
+#: connections, the WAL, the log, the worker's pipes, and room to spare.
+MIN_NOFILE = 256
+#: What the soft limit is raised to when the hard limit allows (systemd's default).
+WANT_NOFILE = 4096
+
+
+class FdLimitError(RuntimeError):
+    """The process may not open enough files; the message says how to raise the limit."""
+
+
+def ensure_nofile(minimum: int = MIN_NOFILE, want: int = WANT_NOFILE) -> int:
+    """Raise the soft limit on open files toward the hard one (up to ``want``); the limit
+    now in force. FdLimitError when even the hard limit is below ``minimum``."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    if soft != resource.RLIM_INFINITY and soft < ceiling:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+        soft = ceiling
+    if soft != resource.RLIM_INFINITY and soft < minimum:
+        raise FdLimitError(
+            f"this process may open only {soft} files (ulimit -n; hard limit {hard}); the "
+            f"supervisor needs at least {minimum}: raise it (ulimit -n {WANT_NOFILE}, or "
+            f"LimitNOFILE={WANT_NOFILE} in a systemd unit) and run start again")
+    return int(soft)

@@ -28,7 +28,7 @@ import tomli_w
 
 from nkat.protocol.messages import spec_hash
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # whole names only: fullmatch
 
 
 class RunDirError(RuntimeError):
@@ -57,8 +57,20 @@ def state_dir(explicit: str | os.PathLike[str] | None) -> Path:
     return base / "nkat-supervise"
 
 
+def check_owned(path: Path) -> None:
+    """RunDirError unless ``path`` belongs to this user and nobody else may write into
+    it: runs kept where another user can plant or swap files are not safe to resume."""
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise RunDirError(f"{path} belongs to uid {st.st_uid}, not to you (uid "
+                          f"{os.geteuid()}): use a state dir of your own (--state-dir)")
+    if st.st_mode & 0o022:
+        raise RunDirError(f"{path} is writable by others (mode {st.st_mode & 0o777:o}): "
+                          f"chmod go-w {path}, or use another --state-dir")
+
+
 def validate_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.match(run_id) or run_id in (".", ".."):
+    if not RUN_ID_RE.fullmatch(run_id) or run_id in (".", ".."):
         raise RunDirError(f"invalid run id {run_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     return run_id
 
@@ -161,6 +173,7 @@ class RunDir:
         validate_run_id(run_id)
         runs = state / "runs"
         runs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_owned(runs)
         path = runs / run_id
         try:
             path.mkdir(mode=0o700)
@@ -269,7 +282,7 @@ def list_runs(state: Path) -> list[RunDir]:
         return []
     found = []
     for entry in sorted(runs_dir.iterdir()):
-        if not RUN_ID_RE.match(entry.name) or not (entry / "run.toml").exists():
+        if not RUN_ID_RE.fullmatch(entry.name) or not (entry / "run.toml").exists():
             continue
         try:
             found.append(RunDir.open(state, entry.name))

@@ -26,6 +26,7 @@ import zmq
 from nkat.protocol import messages as m
 from nkat.supervisor import control, journal
 from nkat.supervisor import controller as c
+from nkat.supervisor.bounded_router import BoundedRouter
 from nkat.supervisor.health import GpuProbe
 from nkat.supervisor.notify import NotifyEvent
 from nkat.supervisor.oslimits import io_advice
@@ -40,6 +41,8 @@ if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked f
 
 POLL_MS = 100
 MAX_IPC_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
+#: Connections each of sock/worker and sock/control may hold (each costs a file handle).
+MAX_PEERS = 32
 _SIGNALS: dict[int, c.RunSignal] = {
     signal.SIGTERM: c.RunSignal.TERM, signal.SIGINT: c.RunSignal.INT,
     signal.SIGHUP: c.RunSignal.HUP}
@@ -89,7 +92,8 @@ class Shell:
         if self._poller is None or self._poller[0] != set(fds):
             # Rebuilt only when the workers' pipes change: the loop turns ten times a second.
             poller = zmq.Poller()
-            for item in (self.wsock, self.csock, *fds):
+            for item in (self.wsock, self.csock, self.wrouter.monitor, self.crouter.monitor,
+                         *fds):
                 poller.register(item, zmq.POLLIN)
             self._poller = (frozenset(fds), poller)
         try:
@@ -100,6 +104,10 @@ class Shell:
             self._drain_worker_socket()
         if self.csock in ready:
             self._drain_control()
+        for router in (self.wrouter, self.crouter):
+            flood = router.on_monitor() if router.monitor in ready else None
+            if flood:
+                self.log.warning("socket.flooded", **flood)
         for fd, (wid, stream) in fds.items():
             worker = self.workers.get(wid)
             if worker is not None and fd in ready:
@@ -121,45 +129,35 @@ class Shell:
                 self._feed(reading)
 
     def _bind(self) -> None:
+        for name in ("worker", "control", "events"):
+            path = self.run_dir.sock_dir / name
+            if len(str(path).encode()) > MAX_IPC_PATH:
+                raise RunDirError(f"socket path {path} is longer than the {MAX_IPC_PATH} bytes "
+                                  "a Unix socket allows; use a shorter --state-dir")
+            path.unlink(missing_ok=True)  # a stale socket of a dead supervisor (we hold the lock)
         old_umask = os.umask(0o177)  # sockets are created 0600
         try:
-            # A second connection claiming a worker's routing id is refused, never handed
-            # the worker's place (no ROUTER handover).
-            self.wsock = self._socket(zmq.ROUTER, "worker", m.MAX_MESSAGE_BYTES,
-                                      zmq.ROUTER_HANDOVER)
-            self.csock = self._socket(zmq.ROUTER, "control", control.MAX_REQUEST_BYTES)
-            self.esock = self._socket(zmq.PUB, "events", None)
+            # No handover: a second connection claiming a worker's routing id is refused.
+            self.wrouter = BoundedRouter(self.ctx, self.run_dir.endpoint("worker"),
+                                         max_peers=MAX_PEERS, max_bytes=m.MAX_MESSAGE_BYTES,
+                                         refuse=False)
+            self.crouter = BoundedRouter(self.ctx, self.run_dir.endpoint("control"),
+                                         max_peers=MAX_PEERS, refuse=True,
+                                         max_bytes=control.MAX_REQUEST_BYTES)
+            self.wsock, self.csock = self.wrouter.sock, self.crouter.sock
+            self.esock = self.ctx.socket(zmq.PUB)
+            self.esock.setsockopt(zmq.LINGER, 0)
+            self.esock.bind(self.run_dir.endpoint("events"))
         finally:
             os.umask(old_umask)
 
-    def _socket(self, kind: int, name: str, max_bytes: int | None,
-                *off: int) -> zmq.Socket[bytes]:
-        path = self.run_dir.sock_dir / name
-        if len(str(path).encode()) > MAX_IPC_PATH:
-            raise RunDirError(f"socket path {path} is longer than the {MAX_IPC_PATH} bytes "
-                              "a Unix socket allows; use a shorter --state-dir")
-        path.unlink(missing_ok=True)  # a stale socket from a dead supervisor (we hold the lock)
-        sock = self.ctx.socket(kind)
-        for option in (zmq.LINGER, *off):
-            sock.setsockopt(option, 0)
-        if max_bytes is not None:
-            sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        sock.bind(self.run_dir.endpoint(name))
-        return sock
-
     # Turning what arrived into inputs ------------------------------------------------------
     def _drain_worker_socket(self) -> None:
-        for _ in range(1000):
-            try:
-                frames = self.wsock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in self.wrouter.frames(1000):
             ident = frames[0] if frames else b""
-            if len(frames) != 2:
-                self._feed(c.MalformedMessage(ident, "expected [routing id, payload]",
-                                              self.clock()))
-                continue
             try:
+                if len(frames) != 2:
+                    raise m.ProtocolError("expected [routing id, payload]")
                 msg = m.decode(frames[1])
             except m.ProtocolError as exc:
                 self._feed(c.MalformedMessage(ident, str(exc), self.clock()))
@@ -167,19 +165,14 @@ class Shell:
             self._feed(c.WorkerMessage(ident, msg, self.clock()))
 
     def _drain_control(self) -> None:
-        for _ in range(100):
+        for frames in self.crouter.frames(100):
             try:
-                frames = self.csock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                continue
-            try:
-                op = control.decode_request(frames[1])["op"]
+                op = control.decode_request(frames[1])["op"] if len(frames) == 2 else None
             except ValueError as exc:
                 self._reply(frames[0], {"ok": False, "error": str(exc)})
                 continue
-            self._feed(c.ControlRequest(frames[0], op, self.clock()))
+            if op is not None:
+                self._feed(c.ControlRequest(frames[0], op, self.clock()))
 
     def _view(self, wid: str, worker: WorkerProcess) -> c.ProcessView:
         code = worker.poll()

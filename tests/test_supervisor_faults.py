@@ -130,3 +130,36 @@ def test_malformed_and_foreign_messages_change_nothing(tmp_path, expected):
     seqs = [r.payload["ckpt_seq"] for r in run.records()
             if r.type in (RecordType.CKPT, RecordType.CKPT_REF)]
     assert 10**6 not in seqs and seqs == sorted(seqs)
+
+
+def test_a_client_posing_as_the_worker_is_not_believed(tmp_path, expected):
+    # The old routing id ("<epoch>:<pid>", printed by status) and even the real one (the
+    # token, read here from the worker's environment as only its own user can) get a
+    # forger nowhere: the first is a stranger, the second is refused a handover.
+    run = SupervisedRun(tmp_path, "poser", JOB + QUICK,
+                        failpoints="stall@unit=300:seconds=2:epoch=1")
+    run.start()
+    run.wait_welcomed(1)
+    worker = wait_for(run.worker, 30, "the worker")
+    token = worker.environ()["NKAT_TOKEN"].encode()
+    forged_result = {"forged": True}
+    forgeries = [m.Done(epoch=1, result=forged_result, digest=m.result_digest(forged_result)),
+                 m.Ckpt(epoch=1, ckpt_seq=100000, units_done=916, state=b"evil",
+                        digest=m.state_digest(b"evil"))]
+    ctx = zmq.Context()
+    for identity in (f"1:{worker.pid}".encode(), token):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(f"ipc://{run.path / 'sock' / 'worker'}")
+        for msg in forgeries:
+            sock.send(m.encode(msg))
+        time.sleep(0.3)
+        sock.close()
+    ctx.term()
+    _finish(run, expected)
+    assert "forged" not in run.result()
+    seqs = [r.payload["ckpt_seq"] for r in run.records()
+            if r.type in (RecordType.CKPT, RecordType.CKPT_REF)]
+    assert 100000 not in seqs and seqs == list(range(1, len(seqs) + 1))
+    assert len(run.resumed_seqs()) == 1  # the genuine worker was never disturbed

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from nkat.supervisor import control
-from nkat.supervisor.config import KEYS, ConfigError, load_config
+from nkat.supervisor.config import KEYS, ConfigError, check_wire, load_config
 from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.ops import logview, report, service
 from nkat.supervisor.ops.stdout import silence_stdout
+from nkat.supervisor.oslimits import FdLimitError, ensure_nofile
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
 
 
@@ -139,9 +140,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     from nkat.supervisor.health import check_profile
     from nkat.supervisor.launch import launch_run, pick_run
 
+    try:
+        ensure_nofile()  # before any run directory exists
+    except FdLimitError as exc:
+        raise UsageError(str(exc)) from None
     state = state_dir(args.state_dir)
     extra = {"backend": args.backend} if args.backend else None
     config = load_config(args.config, args.set, extra)
+    check_wire(config)
     if args.sim_gpu:
         check_profile(args.sim_gpu)  # before any run directory is made
     run, config, how = pick_run(state, config, run_id=args.run_id, fresh=args.fresh,

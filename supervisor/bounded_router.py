@@ -1,0 +1,81 @@
+"""A ZeroMQ ROUTER on an ipc endpoint that watches how many connections it holds, so
+that nobody can spend the supervisor's file handles through its sockets.
+
+    router = BoundedRouter(ctx, "ipc://…/sock/control", max_peers=32, max_bytes=64 << 10,
+                           refuse=True)
+    poller.register(router.sock, zmq.POLLIN); poller.register(router.monitor, zmq.POLLIN)
+    router.on_monitor()              # when the monitor is readable: count, (un)bind
+    router.frames(100)               # what arrived, without waiting
+
+libzmq has no bound on a listener's connections, and at the process's handle limit it
+aborts. Every router drops a connection that does not complete the ZeroMQ handshake
+within ``handshake_ms`` (a raw socket held open costs a handle only that long), and
+counts its connections from its monitor. With ``refuse``, at the bound it drops every
+connection it holds and listens afresh: ``unbind`` (which ends the listener's sessions,
+without a word to the monitor) then ``bind``. That suits the control socket, where each
+CLI request is a connection of its own (one cut short times out and says so), but not the
+workers' socket, which only counts and reports. Used by the shell for
+``sock/worker`` and ``sock/control`` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+
+
+class BoundedRouter:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, max_peers: int,
+                 max_bytes: int, refuse: bool, handshake_ms: int = 2000,
+                 handover: bool = False) -> None:
+        self.endpoint = endpoint
+        self.max_peers = max_peers
+        self.refuse = refuse
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, int(handover))
+        self.monitor = self.sock.get_monitor_socket(_EVENTS)
+        self.sock.bind(endpoint)
+        self.peers = 0
+        self.floods = 0  # times the connections reached the bound
+
+    def frames(self, limit: int) -> list[list[bytes]]:
+        """What arrived, without waiting: up to ``limit`` multipart messages."""
+        out = []
+        for _ in range(limit):
+            try:
+                out.append(self.sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        return out
+
+    def on_monitor(self) -> dict[str, Any] | None:
+        """Count what the monitor reports, and drop the connections at the bound. Returns
+        the fields of a ``socket.flooded`` warning when one is due: the first time the
+        bound is passed, then at every power of two of the times (a flood is said, not
+        logged line by line)."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                self.peers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.peers = max(0, self.peers - 1)
+        if self.peers < self.max_peers:
+            return None
+        self.floods += 1
+        held = self.peers
+        if self.refuse:
+            self.sock.unbind(self.endpoint)
+            self.sock.bind(self.endpoint)
+            self.peers = 0
+        if self.floods & (self.floods - 1):
+            return None
+        return {"socket": self.endpoint.rsplit("/", 1)[-1], "connections": held,
+                "bound": self.max_peers, "times": self.floods,
+                "action": "dropped them all" if self.refuse else "kept them"}

@@ -1,8 +1,11 @@
 """How many units the next batch gets: a small policy, pure and clock-free.
 
 Start from the configured size. When adaptive, double while throughput improves by more
-than ``GROWTH_GAIN`` and batches stay short; halve on OOM or memory pressure and never
-grow back to a size that ran out of memory. The unit, not the batch, defines the result,
+than ``GROWTH_GAIN`` and batches stay short (``max_seconds``: at most MAX_BATCH_SECONDS
+and a quarter of the checkpoint interval, so commands, checkpoints and the watchdog never
+wait long for a batch); halve on OOM or memory pressure and never grow back to a size
+that ran out of memory. A GPU folds a batch on the device and hands back one small
+record, so its batches may grow to millions of units. The unit, not the batch, defines the result,
 so every size is correct: this only trades speed against memory and responsiveness.
 """
 
@@ -14,15 +17,17 @@ import math
 GROWTH_GAIN = 1.05
 #: Commands and checkpoints wait for the batch in progress, so batches stay this short.
 MAX_BATCH_SECONDS = 1.0
-#: Hard cap on a batch, whatever the timings say.
-MAX_BATCH_UNITS = 1 << 20
+#: Hard cap on a batch, whatever the timings say (a GPU kernel takes one block a unit).
+MAX_BATCH_UNITS = 1 << 24
 
 
 class BatchSizer:
     """The batch size and the evidence for changing it (fed by the compute loop)."""
 
-    def __init__(self, initial: int, *, adaptive: bool, units_total: int) -> None:
+    def __init__(self, initial: int, *, adaptive: bool, units_total: int,
+                 max_seconds: float = MAX_BATCH_SECONDS) -> None:
         self.size = max(1, initial)
+        self.max_seconds = max_seconds
         #: Growth stops here; an OOM lowers it below the size that failed.
         self.cap = max(self.size, min(MAX_BATCH_UNITS, units_total))
         self._growing = adaptive
@@ -46,7 +51,7 @@ class BatchSizer:
                 return True
             return False
         self._best = (self.size, rate)
-        if self.size * 2 > self.cap or seconds * 2 > MAX_BATCH_SECONDS or not headroom:
+        if self.size * 2 > self.cap or seconds * 2 > self.max_seconds or not headroom:
             self._growing = False
             return False
         self.size *= 2

@@ -429,7 +429,7 @@ class Runner:
     # Helpers -------------------------------------------------------------------------
 
     def _publish(self, **changes: Any) -> None:
-        self.board.publish(units_done=self.units_done, units_total=self.total,
+        self.board.publish(units_done=self.units_done, units_total=self.stop - self.first,
                            progress_seq=self.progress_seq, batch_size=self.sizer.size,
                            device_bytes=self.backend.device_bytes(), **changes)
 

@@ -55,13 +55,13 @@ def fixed(x: float, mult: int = 1, shift: int = 0) -> int:
     return scaled(negative, mantissa, mult, exponent + SCALE + shift)
 
 
+_SHIFTS = tuple(LIMB_BITS * index for index in range(LIMBS))
+
+
 def from_limbs(limbs: Sequence[int]) -> int:
     """The integer whose 32-bit limbs (least significant first, each a signed sum of
     chunks) are ``limbs``."""
-    total = 0
-    for index, limb in enumerate(limbs):
-        total += int(limb) << (LIMB_BITS * index)
-    return total
+    return sum(int(limb) << shift for limb, shift in zip(limbs, _SHIFTS, strict=True))
 
 
 def as_fraction(value: int) -> Fraction:

@@ -507,22 +507,26 @@ class CudaKernel:
         return CudaBatch(self, slot, len(probe_ns))
 
     def decode(self, raw: np.ndarray, probes: int) -> Record:
-        limbs = raw[:N_FIELDS * LIMBS].reshape(N_FIELDS, LIMBS)
-        ext = raw[N_FIELDS * LIMBS:RECORD]
-        if ext[4] & FLAG_NONFINITE:
+        at = N_FIELDS * LIMBS
+        flags = int(raw[at + 4])
+        if flags & FLAG_NONFINITE:
             raise KernelFault("the kernel produced a NaN or infinite partial")
-        if ext[4] & FLAG_OVERFLOW:
+        if flags & FLAG_OVERFLOW:
             raise KernelFault("a fixed-point sum overflowed its limbs")
         if self.dtype == np.float64:
-            values = raw[np.r_[N_FIELDS * LIMBS, N_FIELDS * LIMBS + 2, RECORD:RECORD + probes]]
-            reals = values.view(np.float64)
+            reals = raw.view(np.float64)
+            top_s, bottom_s = float(reals[at]), float(reals[at + 2])
+            values = reals[RECORD:RECORD + probes].tolist()
         else:
-            bits = raw[np.r_[N_FIELDS * LIMBS, N_FIELDS * LIMBS + 2, RECORD:RECORD + probes]]
-            reals = bits.astype(np.uint32).view(np.float32).astype(np.float64)
-        top = (float(reals[0]), int(ext[1])) if ext[1] >= 0 else None
-        bottom = (float(reals[1]), int(ext[3])) if ext[3] >= 0 else None
-        return Record([from_limbs(row.tolist()) for row in limbs], top, bottom,
-                      reals[2:].tolist())
+            bits = raw[[at, at + 2]].astype(np.uint32).view(np.float32)
+            top_s, bottom_s = float(bits[0]), float(bits[1])
+            values = raw[RECORD:RECORD + probes].astype(np.uint32).view(np.float32) \
+                .astype(np.float64).tolist()
+        top_n, bottom_n = int(raw[at + 1]), int(raw[at + 3])
+        limbs = raw[:at].tolist()
+        return Record([from_limbs(limbs[f * LIMBS:(f + 1) * LIMBS]) for f in range(N_FIELDS)],
+                      (top_s, top_n) if top_n >= 0 else None,
+                      (bottom_s, bottom_n) if bottom_n >= 0 else None, values)
 
 
 class CudaBatch:

@@ -7,7 +7,7 @@ figures) goes through :class:`Backend`, so the compute loop never names cupy.
     backend = select_backend("auto")      # CupyBackend if usable, else NumpyBackend
     backend.fallback                      # why auto did not get CuPy ("" if it did)
     backend.set_memory_limit(10240, 512)  # MB; no-op on NumPy
-    partials = job.compute(backend.xp, first, count)
+    pending = job.compute_batch(backend.xp, first, count)
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def shift_k(first: np.ndarray, length: float | np.ndarray, kb: int) -> np.ndarra
     Σ(S − K)² from cancelling against (Σ(S − K))²/n, which float32 sums (speed mode)
     would feel first. On a grid of 2^-kb, n·K and n·K² are exact integer products.
     """
-    return np.rint(np.ldexp(model(first + (length - 1) / 2), kb)).astype(np.int64)
+    k: np.ndarray = np.rint(np.ldexp(model(first + (length - 1) / 2), kb)).astype(np.int64)
+    return k
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,12 @@ GPU_STICKY = 13
 ORPHANED = 14
 #: The worker could not start (bad environment, handshake refused or timed out).
 STARTUP = 15
+#: The backend asked for (NKAT_BACKEND=cupy) cannot be had here: CuPy does not import,
+#: or no CUDA device answers. Preceded by ``fail{kind: "backend_unavailable",
+#: fatal: false}`` once welcomed. Not fatal: a GPU can come back (after a reset, say),
+#: so it is retried like any failed start; the worker never falls back to another
+#: backend, since a result must not change backend silently.
+BACKEND_UNAVAILABLE = 16
 
 NAMES = {
     DONE: "done",
@@ -27,4 +33,5 @@ NAMES = {
     GPU_STICKY: "gpu_sticky",
     ORPHANED: "orphaned",
     STARTUP: "startup",
+    BACKEND_UNAVAILABLE: "backend_unavailable",
 }

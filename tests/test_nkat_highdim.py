@@ -21,11 +21,10 @@ CONTEXT = RunContext(backend="numpy", device="cpu", epochs=2, restarts=1,
 
 def advance(job: NkatHighDim, until: int, schedule: list[int], start: int = 0) -> int:
     """Compute and merge units up to ``until`` with batch sizes cycling ``schedule``."""
-    done, i = job.units_done, start
+    done, i = job.done.count(), start
     while done < until:
         count = min(schedule[i % len(schedule)], until - done)
-        for part in job.compute(np, done, count):
-            job.merge(part)
+        job.merge_batch(done, count, job.compute_batch(np, done, count).wait())
         done += count
         i += 1
     return i
@@ -73,6 +72,7 @@ def test_matches_plain_float64_reference(lo, hi, unit, mode):
     assert summary["average_convergence"] == pytest.approx(s.mean(), rel=1e-12)
     assert stats["std"] == pytest.approx(s.std(), rel=1e-12)
     assert summary["average_consistency"] == pytest.approx(c.mean(), rel=1e-14)
+    assert summary["average_relative_deviation"] == pytest.approx(q.mean(), rel=1e-12)
     assert stats["consistency_std"] == pytest.approx(c.std(), rel=1e-9)
     # The kernel arranges the formula differently (tail by Horner, D added to S∞), so
     # single values may differ from the reference in the last bit or two.
@@ -177,8 +177,9 @@ def test_every_dimension_counted_once(lo, hi, unit):
     r = job.finalize(CONTEXT)
     count = hi - lo + 1
     assert r["summary"]["total_dimensions"] == count
-    assert job.upper.n == (count + 1) // 2 and job.lower.n == count // 2
-    assert (job.q.first, job.q.last) == (lo, hi)
+    assert r["statistics"]["upper_half"]["count"] == (count + 1) // 2
+    assert r["statistics"]["lower_half"]["count"] == count // 2
+    assert job.done.ranges == [(0, job.units_total())]
 
 
 def test_single_dimension_has_no_trend():
@@ -235,7 +236,7 @@ def test_state_does_not_grow_with_the_range():
         first = len(job.snapshot())
         advance(job, job.units_total(), [32])
         sizes[top] = (first, len(job.snapshot()))
-        assert all(b.size == nk.CHUNK for b in job._numpy._bufs)
+        assert all(b.size == nk.CHUNK for k in job._kernels for b in k._bufs)
     # Only the integer counters' encodings may widen: a few bytes, never per dimension.
     assert abs(sizes[10**7][1] - sizes[10**5][1]) <= 16
     assert sizes[10**7][1] < 64 * 9 + 1024
@@ -260,7 +261,7 @@ def test_exp_left_out_where_it_is_zero_changes_no_bit(monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(nk, "exp_zero_from", lambda dtype: 10**18)
             computing, r2 = run({**params, "precision_mode": mode})
-        assert computing._numpy.exp_from == 10**18
+        assert computing._kernels[0].exp_from == 10**18
         assert canonical(skipping, r1) == canonical(computing, r2)
 
 
@@ -319,10 +320,12 @@ def test_result_has_the_seeds_keys_and_is_plain_json():
                       "curve", "precision"}
     assert set(r["summary"]) == {"total_dimensions", "min_dimension", "max_dimension",
                                  "average_convergence", "average_consistency",
-                                 "peak_convergence", "convergence_stability"}
+                                 "average_relative_deviation", "peak_convergence",
+                                 "convergence_stability"}
+    # No GPU utilisation: the worker cannot see the supervisor's NVML readings.
     assert set(r["performance"]) == {"total_gpu_time", "average_throughput",
-                                     "peak_gpu_utilization", "max_memory_usage",
-                                     "fast_batch_throughput", "epoch_throughput"}
+                                     "max_memory_usage", "fast_batch_throughput",
+                                     "epoch_throughput"}
     tv = r["theoretical_validation"]
     assert set(tv["consistency_trend"]) == {"slope", "improving", "stability"}
     assert set(tv["convergence_pattern"]) == {"peak_dimension", "peak_value",
@@ -333,7 +336,6 @@ def test_result_has_the_seeds_keys_and_is_plain_json():
                                "epochs": 2, "restarts": 1}
     assert r["performance"]["total_gpu_time"] == 1.5
     assert r["performance"]["average_throughput"] == 2000.0
-    assert r["performance"]["peak_gpu_utilization"] is None
     assert r["performance"]["max_memory_usage"] == 3.0
     assert r["performance"]["fast_batch_throughput"] is None  # no batch times in the context
     assert r["performance"]["epoch_throughput"] is None  # nor the epoch's wall time
@@ -360,9 +362,9 @@ def test_epoch_throughput_counts_the_last_process_dims_over_its_wall_time():
 
 def test_zero_compute_time_gives_no_throughput():
     job, _ = run({"max_dimension": 10})
-    ctx = RunContext("numpy", "cpu", 1, 0, 0.0, 0, "x", {"peak_gpu_utilization": 93.5})
+    ctx = RunContext("numpy", "cpu", 1, 0, 0.0, 0, "x")
     perf = job.finalize(ctx)["performance"]
-    assert perf["average_throughput"] is None and perf["peak_gpu_utilization"] == 93.5
+    assert perf["average_throughput"] is None
 
 
 def test_restore_refuses_a_snapshot_of_other_params():
@@ -371,13 +373,16 @@ def test_restore_refuses_a_snapshot_of_other_params():
         NkatHighDim({"max_dimension": 101}).restore(job.snapshot())
 
 
-def test_units_must_merge_in_order():
+def test_a_unit_merged_twice_or_missing_is_refused():
     job = NkatHighDim({"max_dimension": 100, "unit_dims": 10})
-    parts = job.compute(np, 0, 3)
-    with pytest.raises(ValueError, match="expected 0"):
-        job.merge(parts[1])
+    job.merge_batch(0, 3, job.compute_batch(np, 0, 3).wait())
+    with pytest.raises(ValueError, match="overlap"):
+        job.merge_batch(2, 1, job.compute_batch(np, 2, 1).wait())
     with pytest.raises(ValueError, match="outside"):
-        job.compute(np, 9, 2)
+        job.compute_batch(np, 9, 2)
+    job.merge_batch(4, 6, job.compute_batch(np, 4, 6).wait())
+    with pytest.raises(ValueError, match=r"\[\[0, 3\], \[4, 10\]\]"):
+        job.finalize(CONTEXT)
 
 
 def test_the_builtin_name_resolves_to_this_job():

@@ -17,6 +17,7 @@ from nkat.protocol import exitcodes
 from nkat.protocol.messages import DONE_ACK_SEQ, Beat, Ckpt, Done, Fail, Hello, Log, Resume
 from nkat.worker.backend import BackendUnavailable, select_backend
 from nkat.worker.job import resolve_job
+from nkat.worker.supervised import NO_BACKEND
 from tests.fake_supervisor import REPO, FakeSupervisor, toy_expected, worker_env
 from tests.jobs.toy import Toy
 
@@ -94,7 +95,7 @@ def test_job_errors_are_fatal(sup, params, kind, text):
     assert sup.wait_exit() == exitcodes.FATAL
 
 
-def test_unusable_backend_is_reported_after_welcome(sup):
+def test_unusable_backend_is_a_retryable_start_failure_and_never_a_fallback(sup):
     try:
         select_backend("cupy")
     except BackendUnavailable:
@@ -102,10 +103,28 @@ def test_unusable_backend_is_reported_after_welcome(sup):
     else:
         pytest.skip("CuPy is usable here")
     hello = sup.start({"units": 10}, NKAT_BACKEND="cupy")
-    assert (hello.backend, hello.device) == ("cupy", "")
+    # hello names what the worker really computes on: nothing, not NumPy instead.
+    assert (hello.backend, hello.device) == (NO_BACKEND, "")
     fail = sup.expect(Fail)
-    assert (fail.kind, fail.fatal) == ("backend_unavailable", True)
-    assert sup.wait_exit() == exitcodes.FATAL
+    assert (fail.kind, fail.fatal) == ("backend_unavailable", False)
+    assert "'cupy' is unavailable" in fail.message
+    assert sup.wait_exit() == exitcodes.BACKEND_UNAVAILABLE
+    assert not any(isinstance(m, (Beat, Ckpt, Done)) and getattr(m, "units_done", 0)
+                   for m in sup.received), "no unit may be computed on another backend"
+    assert exitcodes.NAMES[exitcodes.BACKEND_UNAVAILABLE] == "backend_unavailable"
+
+
+def test_auto_says_why_it_settled_for_numpy(sup):
+    if select_backend("auto").name != "numpy":
+        pytest.skip("CuPy is usable here")
+    hello = sup.start({"units": 10}, NKAT_BACKEND="auto")
+    assert hello.backend == "numpy"
+    fallback = sup.expect(Log, where=lambda m: m.event == "backend.fallback")
+    assert fallback.fields["asked"] == "auto" and fallback.fields["using"] == "numpy"
+    assert fallback.fields["reason"]
+    sup.expect(Done)
+    sup.ack(DONE_ACK_SEQ)
+    assert sup.wait_exit() == exitcodes.DONE
 
 
 def test_unknown_job_is_fatal(sup):

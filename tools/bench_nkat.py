@@ -15,6 +15,21 @@
     nkat_peak_rss_ratio_1e9_vs_1e6   peak RSS of a 10^9-dimension run (10^8 with --quick)
                                over a 10^6 one, each in a fresh subprocess
     nkat_big_run_seconds       wall time of that big run
+
+and, for issue 11 (``bench_nkat_gpu``, ``bench_nkat_exact``):
+
+    gpu_host_cap_dims_per_s    the host side of the CuPy path, its kernels replaced by a
+                               null device returning records of the real shapes and
+                               dtypes: dims per batch over host seconds per batch, batches
+                               sized by the adaptive policy for a modelled GPU
+    nkat_cpu_vs_native         the CPU backend on every core over a single-pass native C
+                               loop of the same formula and sums, compiled here with the
+                               system compiler (-O3 -march=native -fopenmp), every core
+    nkat_rel_error_1e8         largest relative error of the deterministic figures of a
+                               balanced run over [1000, 10^8] (10^7 with --quick) against
+                               an exact reference (math.fsum over chunks)
+    split_invariance           1 when batch sizes 1, 7 and adaptive and 1, 2 and 5 shards
+                               merged give byte-identical deterministic blocks
 """
 
 from __future__ import annotations
@@ -34,14 +49,15 @@ from nkat.worker.jobs.nkat_kernels import C2, C3, DELTA, GAMMA, NC
 REPEATS = 3
 
 
-def run_job(params: dict[str, Any]) -> dict[str, Any]:
+def run_job(params: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     """Run the job in-process the way the runtime does, with its default batch."""
     job = NkatHighDim(params)
+    job.set_cpu_threads(threads)
     total, batch = job.units_total(), NkatHighDim.default_batch_units
     start = time.perf_counter()
     for first in range(0, total, batch):
-        for part in job.compute(np, first, min(batch, total - first)):
-            job.merge(part)
+        count = min(batch, total - first)
+        job.merge_batch(first, count, job.compute_batch(np, first, count).wait())
     seconds = time.perf_counter() - start
     context = RunContext(backend="numpy", device="cpu", epochs=1, restarts=0,
                          compute_seconds=seconds, peak_memory_bytes=0, spec_hash="bench")
@@ -156,7 +172,14 @@ def run(args: Any) -> dict[str, Any]:
                                    _best_rate(lambda: numexpr_style(max_n), max_n))
 
     small_run, big_run = _rss_run(10**6), _rss_run(big)
+    from bench_nkat_exact import cpu_vs_native, rel_error, split_invariance
+    from bench_nkat_gpu import host_cap
+
     return {
+        **host_cap(quick=args.quick),
+        **cpu_vs_native(quick=args.quick),
+        **rel_error(10**7 if args.quick else 10**8),
+        **split_invariance(),
         "range_dimensions": max_n,
         "nkat_dims_per_s": round(rates["nkat"]),
         "seed_style_dims_per_s": round(rates["seed"]),

@@ -1,7 +1,9 @@
-"""``python -m nkat.worker``: a supervised worker by default, or ``--standalone``.
+"""``python -m nkat.worker``: a supervised worker by default, ``--standalone``, or
+``--merge-shards``.
 
 Supervised, everything comes from the NKAT_* environment the supervisor sets
-(docs/architecture.md); standalone, from the command line.
+(docs/architecture.md); standalone, from the command line; ``--merge-shards`` reads
+shard states from stdin (``nkat.worker.shards``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from nkat.worker import standalone, supervised
+from nkat.worker import shards, standalone, supervised
 from nkat.worker.backend import BACKENDS
 
 DESCRIPTION = """\
 Run a job: under nkat-supervise (the default; it sets NKAT_ENDPOINT, NKAT_TOKEN,
 NKAT_EPOCH, NKAT_SUPERVISOR_PID, NKAT_BACKEND), or alone with --standalone, which
 prints the result JSON (the same compute path, with no checkpoints or heartbeats).
+--merge-shards reads msgpack {spec, states: [{range: [first, stop], state}, ...],
+provenance} on stdin and prints the merged result JSON.
 """
 
 EPILOG = """\
@@ -25,9 +29,11 @@ examples:
   python -m nkat.worker --standalone --job mypkg.jobs:MyJob --set n=10 --out result.json
 
 --set values are JSON literals where they parse (3, 0.5, true), else strings.
-Keys batch_size, batch_size_adaptive, memory_limit and memory_reserve (MB) tune the
-runtime; every other key is a job param. Exit codes: 0 done, 2 usage error, and the
-worker codes of nkat.protocol.exitcodes (11 fatal job error, 12 OOM, 13 CUDA sticky).
+Keys batch_size, batch_size_adaptive, cpu_threads (0: every core), memory_limit and
+memory_reserve (MB) tune the runtime; every other key is a job param. Exit codes: 0
+done, 2 usage error (or shards that do not merge), and the worker codes of
+nkat.protocol.exitcodes (11 fatal job error, 12 OOM, 13 CUDA sticky, 16 backend
+unavailable).
 """
 
 
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--standalone", action="store_true",
                         help="run without a supervisor and print the result")
+    parser.add_argument("--merge-shards", action="store_true",
+                        help="merge shard states read from stdin into the result JSON")
     parser.add_argument("--job", help="built-in job name or module:Class (default nkat-highdim)")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         metavar="KEY=VALUE", help="a job param or runtime setting (repeatable)")
@@ -44,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, metavar="FILE",
                         help="write the result JSON here instead of stdout")
     args = parser.parse_args(argv)
+    if args.merge_shards:
+        if args.standalone or args.job or args.sets or args.backend or args.out:
+            parser.error("--merge-shards takes no other option: the spec comes with the "
+                         "states on stdin")
+        return shards.main()
     if not args.standalone:
         if args.job or args.sets or args.backend or args.out:
             parser.error("--job, --set, --backend and --out need --standalone; a supervised "

@@ -5,8 +5,9 @@ CuPy is imported only when it is chosen. Everything the runtime needs from the d
 figures) goes through :class:`Backend`, so the compute loop never names cupy.
 
     backend = select_backend("auto")      # CupyBackend if usable, else NumpyBackend
+    backend.fallback                      # why auto did not get CuPy ("" if it did)
     backend.set_memory_limit(10240, 512)  # MB; no-op on NumPy
-    partials = job.compute(backend.xp, first, count)
+    pending = job.compute_batch(backend.xp, first, count)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Backend:
     #: Seconds the first batch may take beyond a normal one (kernel compilation); 0 = none.
     warmup_seconds = 0.0
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
+    #: Why ``auto`` settled for this backend ("" when it was asked for by name).
+    fallback = ""
 
     def __init__(self) -> None:
         import numpy
@@ -144,7 +147,8 @@ class CupyBackend(Backend):
 
 
 def select_backend(requested: str) -> Backend:
-    """``numpy``, ``cupy`` (or BackendUnavailable), or ``auto``: CuPy when usable."""
+    """``numpy``, ``cupy`` (or BackendUnavailable: never another backend instead), or
+    ``auto``: CuPy when usable, else NumPy with ``fallback`` saying why."""
     if requested == "numpy":
         return Backend()
     if requested == "cupy":
@@ -152,6 +156,8 @@ def select_backend(requested: str) -> Backend:
     if requested == "auto":
         try:
             return CupyBackend()
-        except BackendUnavailable:
-            return Backend()
+        except BackendUnavailable as exc:
+            host = Backend()
+            host.fallback = str(exc)
+            return host
     raise BackendUnavailable(f"unknown backend {requested!r}: use one of {', '.join(BACKENDS)}")

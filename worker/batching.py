@@ -1,8 +1,14 @@
 """How many units the next batch gets: a small policy, pure and clock-free.
 
-Start from the configured size. When adaptive, double while throughput improves by more
-than ``GROWTH_GAIN`` and batches stay short; halve on OOM or memory pressure and never
-grow back to a size that ran out of memory. The unit, not the batch, defines the result,
+Start from the configured size. When adaptive, double while batches are shorter than
+``MIN_BATCH_SECONDS`` and throughput does not fall (a GPU that is already saturated still
+gains from longer batches: fewer launches, and the host's per-batch work hidden behind
+the device's), then while throughput improves by more than ``GROWTH_GAIN``, as long as
+batches stay short (``max_seconds``: at most MAX_BATCH_SECONDS
+and a quarter of the checkpoint interval, so commands, checkpoints and the watchdog never
+wait long for a batch); halve on OOM or memory pressure and never grow back to a size
+that ran out of memory. A GPU folds a batch on the device and hands back one small
+record, so its batches may grow to millions of units. The unit, not the batch, defines the result,
 so every size is correct: this only trades speed against memory and responsiveness.
 """
 
@@ -10,19 +16,25 @@ from __future__ import annotations
 
 import math
 
-#: A doubling must raise units/s by more than this factor to be kept growing.
+#: A doubling must raise units/s by more than this factor to be kept growing ...
 GROWTH_GAIN = 1.05
+#: ... unless batches are shorter than this: then it only must not lower units/s by more
+#: than SHORT_TOLERANCE.
+MIN_BATCH_SECONDS = 0.1
+SHORT_TOLERANCE = 0.05
 #: Commands and checkpoints wait for the batch in progress, so batches stay this short.
 MAX_BATCH_SECONDS = 1.0
-#: Hard cap on a batch, whatever the timings say.
-MAX_BATCH_UNITS = 1 << 20
+#: Hard cap on a batch, whatever the timings say (a GPU kernel takes one block a unit).
+MAX_BATCH_UNITS = 1 << 24
 
 
 class BatchSizer:
     """The batch size and the evidence for changing it (fed by the compute loop)."""
 
-    def __init__(self, initial: int, *, adaptive: bool, units_total: int) -> None:
+    def __init__(self, initial: int, *, adaptive: bool, units_total: int,
+                 max_seconds: float = MAX_BATCH_SECONDS) -> None:
         self.size = max(1, initial)
+        self.max_seconds = max_seconds
         #: Growth stops here; an OOM lowers it below the size that failed.
         self.cap = max(self.size, min(MAX_BATCH_UNITS, units_total))
         self._growing = adaptive
@@ -38,15 +50,20 @@ class BatchSizer:
             self._warm = True
             return False
         rate = units / seconds
-        if self._best is not None and rate <= self._best[1] * GROWTH_GAIN:
-            # The last doubling did not pay: settle on the better of the two sizes.
-            self._growing = False
-            if rate < self._best[1]:
-                self.size = self._best[0]
-                return True
-            return False
-        self._best = (self.size, rate)
-        if self.size * 2 > self.cap or seconds * 2 > MAX_BATCH_SECONDS or not headroom:
+        short = seconds < MIN_BATCH_SECONDS
+        if self._best is not None:
+            best = self._best[1]
+            worse = rate < best * (1 - SHORT_TOLERANCE) if short else rate <= best * GROWTH_GAIN
+            if worse:
+                # The last doubling did not pay: settle on the better of the sizes.
+                self._growing = False
+                if rate < best:
+                    self.size = self._best[0]
+                    return True
+                return False
+        if not short or self._best is None or rate > self._best[1]:
+            self._best = (self.size, rate)
+        if self.size * 2 > self.cap or seconds * 2 > self.max_seconds or not headroom:
             self._growing = False
             return False
         self.size *= 2

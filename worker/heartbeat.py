@@ -42,7 +42,8 @@ class Board:
         self.current = Progress()
 
     def publish(self, **changes: Any) -> None:
-        self.current = dataclasses.replace(self.current, **changes)
+        # Once or twice a batch: a plain constructor call costs a third of replace().
+        self.current = Progress(**{**self.current.__dict__, **changes})
 
 
 class Heartbeat:

@@ -1,9 +1,18 @@
 """The compute loop shared by supervised and standalone runs (docs/architecture.md).
 
-:class:`Runner` batches the job's units, merges their partials in unit order, and between
-batches, at unit boundaries, obeys commands, hands snapshots over for checkpoints and
-adapts the batch size. It reaches the outside only through a :class:`Link` (the zmq
-channel, or stderr when standalone), so ``--standalone`` makes exactly the same job calls.
+:class:`Runner` hands the job batches of units (``compute_batch``), merges what comes
+back in unit order (``merge_batch``), and between batches, at unit boundaries, obeys
+commands, hands snapshots over for checkpoints and adapts the batch size. When a batch
+is still queued on a device after ``compute_batch`` returns, the next one is launched
+before the host waits: the device computes batch k+1 while the host merges batch k,
+beats and checkpoints (not while throttled, paused or stopping, when the device should
+rest). It reaches the outside only through a :class:`Link` (the zmq channel, or stderr
+when standalone), so ``--standalone`` makes exactly the same job calls.
+
+With ``unit_range`` = [first, stop) the runner computes those units only (a shard): its
+``units_done``/``units_total`` count within the range, and when the range is done it
+sends a final checkpoint, waits for its ack and returns ``{"shard": [first, stop],
+"units_done": n}`` instead of finalizing; the checkpoint is the shard's state.
 
     runner = Runner(job, backend, settings, link, board, failpoints, ...)
     result = runner.run()   # or raises Stopped / RunFailed
@@ -11,6 +20,7 @@ channel, or stderr when standalone), so ``--standalone`` makes exactly the same 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import queue
@@ -23,10 +33,10 @@ from nkat.protocol import exitcodes
 from nkat.protocol.messages import MAX_MESSAGE_BYTES, Ack, Cmd, Message, canonical_json
 from nkat.worker import state
 from nkat.worker.backend import Backend
-from nkat.worker.batching import BatchSizer, UnitTimes
+from nkat.worker.batching import MAX_BATCH_SECONDS, BatchSizer, UnitTimes
 from nkat.worker.failpoints import Failpoints
 from nkat.worker.heartbeat import Board
-from nkat.worker.job import Job, JobParamsError, RunContext
+from nkat.worker.job import BatchShapeError, Job, JobParamsError, Pending, RunContext
 from nkat.worker.settings import Settings
 
 #: Progress deadline asked for before ``finalize``, which no batch timing predicts.
@@ -74,7 +84,8 @@ class Link(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed run starts: after checkpoint ``ckpt_seq``, at ``units_done``."""
+    """Where a resumed run starts: after checkpoint ``ckpt_seq``, ``units_done`` units
+    into its range."""
 
     ckpt_seq: int
     units_done: int
@@ -92,7 +103,20 @@ def classify(exc: BaseException, backend: Backend) -> RunFailed:
         return RunFailed("oom", message, fatal=False, exit_code=exitcodes.OOM, tb=tb)
     if isinstance(exc, JobParamsError):
         return RunFailed("params", message, fatal=True, exit_code=exitcodes.FATAL, tb=tb)
+    if isinstance(exc, BatchShapeError):
+        return RunFailed("job_error", str(exc), fatal=True, exit_code=exitcodes.FATAL, tb=tb)
     return RunFailed("job_error", message, fatal=True, exit_code=exitcodes.FATAL, tb=tb)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A batch handed to the job and not merged yet."""
+
+    first: int
+    count: int
+    handle: Pending
+    launched: float
+    seconds: float = 0.0
 
 
 class Runner:
@@ -109,15 +133,32 @@ class Runner:
         if not isinstance(self.total, int) or isinstance(self.total, bool) or self.total < 0:
             raise RunFailed("job_error", f"units_total() returned {self.total!r}", fatal=True,
                             exit_code=exitcodes.FATAL)
-        self.counters = dict(resume.counters if resume else state.COUNTERS)
-        self.units_done = resume.units_done if resume else 0
-        self.first_unit = self.units_done  # where this process started
-        if self.units_done > self.total:
-            raise RunFailed("bad_resume", f"resume at unit {self.units_done} of {self.total}",
+        self.shard = settings.unit_range is not None
+        self.first, self.stop = settings.unit_range or (0, self.total)
+        if self.stop > self.total:
+            raise RunFailed("bad_welcome", f"unit_range [{self.first}, {self.stop}) goes past "
+                            f"the job's {self.total} units", fatal=True,
+                            exit_code=exitcodes.FATAL)
+        if self.shard and not job.shardable:
+            raise RunFailed("bad_welcome", f"job {job.name or type(job).__name__} cannot run "
+                            "as shards (unit_range): its partials must merge in unit order",
                             fatal=True, exit_code=exitcodes.FATAL)
+        self.counters = dict(resume.counters if resume else state.COUNTERS)
+        self.next_unit = self.first + (resume.units_done if resume else 0)
+        self.first_unit = self.next_unit  # where this process started
+        if self.next_unit > self.stop:
+            raise RunFailed("bad_resume", f"resume at unit {self.next_unit} of "
+                            f"[{self.first}, {self.stop})", fatal=True,
+                            exit_code=exitcodes.FATAL)
         self.sizer = BatchSizer(settings.batch_size or job.default_batch_units,
-                                adaptive=settings.batch_size_adaptive, units_total=self.total)
+                                adaptive=settings.batch_size_adaptive,
+                                units_total=self.stop - self.first,
+                                max_seconds=min(MAX_BATCH_SECONDS,
+                                                settings.checkpoint_interval / 4))
+        self._call(job.set_cpu_threads, settings.threads())
         self.unit_times = UnitTimes()  # this process's batches only
+        self.inflight: collections.deque[_Batch] = collections.deque()
+        self._last_done = time.perf_counter()
         self.progress_seq = 0
         self.duty = 1.0
         self.paused = False
@@ -125,32 +166,40 @@ class Runner:
         self.checkpoint_wanted = False
         self.next_ckpt_seq = resume.ckpt_seq + 1 if resume else 1
         self.acked_seq = resume.ckpt_seq if resume else 0
-        self.inflight: tuple[int, int] | None = None  # (ckpt_seq, units_done)
+        self.pending_ckpt: tuple[int, int] | None = None  # (ckpt_seq, units_done) in flight
         self.submitted_units = self.units_done
         self.last_ckpt_at = time.monotonic()
         self._publish(stage="startup")
 
+    @property
+    def units_done(self) -> int:
+        """Units merged, counted within the range (what checkpoints and beats carry)."""
+        return self.next_unit - self.first
+
     # The loop ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Compute every unit left, then finalize; the result is plain JSON data."""
+        """Compute every unit left, then finalize (or, for a shard, send its final
+        checkpoint); the result is plain JSON data."""
         started = time.monotonic()
         self.last_ckpt_at = started
-        if self.backend.warmup_seconds and self.units_done < self.total:
+        if self.backend.warmup_seconds and self.next_unit < self.stop:
             self.link.extend(self.backend.warmup_seconds, "first_batch")
-        while self.units_done < self.total:
+        while self.next_unit < self.stop:
             self._at_boundary()
             self._step()
+        if self.shard:
+            self._final_checkpoint()
+            return {"shard": [self.first, self.stop], "units_done": self.units_done}
         return self._finalize(time.monotonic() - started)
 
     def _step(self) -> None:
-        first = self.units_done
-        partials, count, seconds = self._compute(first)
+        batch, partial = self._next_batch()
         t0 = time.perf_counter()
-        for partial in partials:
-            self._call(self.job.merge, partial)
-        seconds += time.perf_counter() - t0
-        self.units_done += count
+        self._call(self.job.merge_batch, batch.first, batch.count, partial)
+        seconds = batch.seconds + time.perf_counter() - t0
+        count = batch.count
+        self.next_unit += count
         self.progress_seq += 1
         self.counters["compute_seconds"] += seconds
         self.counters["batches"] += 1
@@ -169,33 +218,54 @@ class Runner:
         if sleep > 0:
             self._sleep(sleep)
 
-    def _compute(self, first: int) -> tuple[list[Any], int, float]:
-        """Compute the next batch; on OOM free, halve and retry the same units."""
+    def _next_batch(self) -> tuple[_Batch, Any]:
+        """The next batch's partial, launching it (and the one after, while the device
+        works) as needed; on OOM drop what is in flight, free, halve and retry."""
         while True:
-            count = min(self.sizer.size, self.total - first)
+            failed = (self.next_unit, min(self.sizer.size, self.stop - self.next_unit))
             try:
-                t0 = time.perf_counter()
-                self.failpoints.before_batch(first, count)
-                partials = list(self.job.compute(self.backend.xp, first, count))
-                seconds = time.perf_counter() - t0
+                if not self.inflight:
+                    self._launch(self.next_unit)
+                head = self.inflight[0]
+                after = head.first + head.count
+                if head.handle.pending and len(self.inflight) == 1 and after < self.stop \
+                        and self._may_prefetch():
+                    failed = (after, min(self.sizer.size, self.stop - after))
+                    self._launch(after)
+                failed = (head.first, head.count)
+                partial = head.handle.wait()
             except Exception as exc:
                 failure = classify(exc, self.backend)
                 if failure.kind != "oom":
                     raise failure from exc
+                self.inflight.clear()
                 self.backend.free_pools()
-                if count == 1:
+                if failed[1] <= 1:
                     raise failure from exc
                 self.counters["oom_retries"] += 1
-                self.sizer.shrink(count)
-                self.link.log("warning", "batch.oom", {"first": first, "count": count,
+                self.sizer.shrink(failed[1])
+                self.link.log("warning", "batch.oom", {"first": failed[0], "count": failed[1],
                                                        "to": self.sizer.size})
                 self._publish()
                 continue
-            if len(partials) != count:
-                raise RunFailed("job_error", f"compute({first}, {count}) returned "
-                                f"{len(partials)} partials", fatal=True,
-                                exit_code=exitcodes.FATAL)
-            return partials, count, seconds
+            done = time.perf_counter()
+            self.inflight.popleft()
+            # Device time as the host sees it: from the launch, or from the end of the
+            # batch before when this one was queued behind it.
+            head.seconds = done - max(head.launched, self._last_done)
+            self._last_done = done
+            return head, partial
+
+    def _launch(self, first: int) -> None:
+        count = min(self.sizer.size, self.stop - first)
+        self.failpoints.before_batch(first, count)
+        launched = time.perf_counter()
+        handle = self.job.compute_batch(self.backend.xp, first, count)
+        self.inflight.append(_Batch(first, count, handle, launched))
+
+    def _may_prefetch(self) -> bool:
+        """Keep the device busy unless it should rest: throttled, paused or stopping."""
+        return self.duty >= 1.0 and not self.paused and self.stop_deadline is None
 
     def _finalize(self, wall_seconds: float) -> dict[str, Any]:
         self._publish(stage="finalize")
@@ -224,6 +294,21 @@ class Runner:
             raise RunFailed("job_error", "finalize returned no dict", fatal=True,
                             exit_code=exitcodes.FATAL)
         return plain
+
+    def _final_checkpoint(self) -> None:
+        """A shard's end: its whole range checkpointed and acknowledged."""
+        if not self.checkpoints:
+            return
+        self._publish(stage="checkpoint")
+        deadline = time.monotonic() + self.settings.supervisor_timeout
+        self._await_ack(deadline)
+        if self.pending_ckpt is None and self.units_done > self.submitted_units:
+            self._checkpoint()
+            self._await_ack(deadline)
+        if self.pending_ckpt is not None:
+            raise RunFailed("shard_unacknowledged", "the shard's final checkpoint was not "
+                            f"acknowledged within {self.settings.supervisor_timeout:g} s",
+                            fatal=False, exit_code=exitcodes.ORPHANED)
 
     # Unit boundaries: commands, pause, checkpoints, stop -------------------------------
 
@@ -265,9 +350,9 @@ class Runner:
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, Ack):
-            if self.inflight is not None and msg.ckpt_seq == self.inflight[0]:
+            if self.pending_ckpt is not None and msg.ckpt_seq == self.pending_ckpt[0]:
                 self.acked_seq = msg.ckpt_seq
-                self.inflight = None
+                self.pending_ckpt = None
                 self._publish(ckpt_seq=self.acked_seq)
             return
         if not isinstance(msg, Cmd):
@@ -292,7 +377,7 @@ class Runner:
                 self.stop_deadline = deadline
 
     def _maybe_checkpoint(self) -> None:
-        if not self.checkpoints or self.inflight is not None:
+        if not self.checkpoints or self.pending_ckpt is not None:
             return  # at most one in flight: a wanted one waits for the ack
         now = time.monotonic()
         due = now - self.last_ckpt_at >= self.settings.checkpoint_interval
@@ -322,7 +407,7 @@ class Runner:
         runtime = dict(self.counters, epoch=self.epoch, backend=self.backend.name,
                        device=self.backend.device)
         self.link.post_ckpt(seq, self.units_done, job_state, runtime)
-        self.inflight = (seq, self.units_done)
+        self.pending_ckpt = (seq, self.units_done)
         self.submitted_units = self.units_done
 
     def _stop(self) -> None:
@@ -331,21 +416,20 @@ class Runner:
         self._publish(stage="stopping")
         self.link.log("info", "worker.stopping", {"units_done": self.units_done})
         if self.checkpoints:
-            self._await_ack()
-            if self.inflight is None and self.units_done > self.submitted_units:
+            self._await_ack(self.stop_deadline)
+            if self.pending_ckpt is None and self.units_done > self.submitted_units:
                 self._checkpoint()
-                self._await_ack()
-        raise Stopped(acked=self.inflight is None)
+                self._await_ack(self.stop_deadline)
+        raise Stopped(acked=self.pending_ckpt is None)
 
-    def _await_ack(self) -> None:
-        assert self.stop_deadline is not None
-        while self.inflight is not None and (left := self.stop_deadline - time.monotonic()) > 0:
+    def _await_ack(self, deadline: float) -> None:
+        while self.pending_ckpt is not None and (left := deadline - time.monotonic()) > 0:
             self._wait_inbox(left)
 
     # Helpers -------------------------------------------------------------------------
 
     def _publish(self, **changes: Any) -> None:
-        self.board.publish(units_done=self.units_done, units_total=self.total,
+        self.board.publish(units_done=self.units_done, units_total=self.stop - self.first,
                            progress_seq=self.progress_seq, batch_size=self.sizer.size,
                            device_bytes=self.backend.device_bytes(), **changes)
 

@@ -8,6 +8,7 @@ that names the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,19 @@ class Settings:
     ack_resend: float = 5.0
     provenance: Mapping[str, int] = dataclasses.field(
         default_factory=lambda: {"epochs": 1, "restarts": 0})
+    #: Threads a CPU batch may use; 0 = every core this process may run on.
+    cpu_threads: int = 0
+    #: Units [first, stop) this worker computes (a shard); None = the whole job.
+    unit_range: tuple[int, int] | None = None
+
+    def threads(self) -> int:
+        """cpu_threads resolved: at least 1."""
+        if self.cpu_threads:
+            return self.cpu_threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
 
 
 _POSITIVE = ("checkpoint_interval", "heartbeat_interval", "supervisor_timeout", "ack_resend")
@@ -48,11 +62,14 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
                 bound = "> 0" if key in _POSITIVE else ">= 0"
                 raise SettingsError(f"setting {key}: expected a number {bound}, got {value!r}")
             values[key] = float(value)
-    if "batch_size" in raw:
-        value = raw["batch_size"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise SettingsError(f"setting batch_size: expected an integer >= 0, got {value!r}")
-        values["batch_size"] = value
+    for key in ("batch_size", "cpu_threads"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SettingsError(f"setting {key}: expected an integer >= 0, got {value!r}")
+            values[key] = value
+    if raw.get("unit_range") is not None:
+        values["unit_range"] = _parse_unit_range(raw["unit_range"])
     for key in ("batch_size_adaptive", "checkpoint_compression"):
         if key in raw:
             value = raw[key]
@@ -62,6 +79,15 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
     if "provenance" in raw:
         values["provenance"] = _parse_provenance(raw["provenance"])
     return Settings(**values)
+
+
+def _parse_unit_range(value: Any) -> tuple[int, int]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 <= value[0] < value[1]:
+        raise SettingsError(f"setting unit_range: expected [first, stop) with "
+                            f"0 <= first < stop, got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def _parse_provenance(value: Any) -> dict[str, int]:

@@ -28,7 +28,8 @@ from nkat.worker.settings import SettingsError, parse_settings
 
 USAGE_ERROR = 2
 #: ``--set`` keys that tune the runtime; every other key is a job param.
-RUNTIME_KEYS = frozenset({"batch_size", "batch_size_adaptive", "memory_limit", "memory_reserve"})
+RUNTIME_KEYS = frozenset({"batch_size", "batch_size_adaptive", "cpu_threads", "memory_limit",
+                          "memory_reserve", "unit_range"})
 #: Failpoints with ``epoch=E`` treat a standalone run as the first epoch.
 STANDALONE_EPOCH = 1
 
@@ -80,6 +81,9 @@ def run(job_name: str, sets: Sequence[str], backend_name: str, out: Path | None)
     try:
         raw_settings, params = parse_sets(sets)
         settings = parse_settings(raw_settings)
+        if settings.unit_range is not None:
+            raise UsageError("unit_range needs a supervisor: a shard's state travels in "
+                             "its final checkpoint, which a standalone run does not take")
         job = resolve_job(job_name)(params)
         backend = select_backend(backend_name)
         failpoints = Failpoints.parse(os.environ.get(FAILPOINTS_ENV, ""), STANDALONE_EPOCH)

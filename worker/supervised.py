@@ -50,6 +50,9 @@ from nkat.worker.settings import Settings, SettingsError, parse_settings
 WELCOME_TIMEOUT_S = 30.0
 #: How long the last messages (``fail``, logs) may take to leave at exit.
 FLUSH_S = 1.0
+#: ``hello.backend`` of a worker that could get no backend (it then fails
+#: ``backend_unavailable`` and exits BACKEND_UNAVAILABLE once welcomed).
+NO_BACKEND = "none"
 #: Exit code for a failure of the runtime itself: not a protocol code, so the supervisor
 #: counts a crash and restarts.
 INTERNAL_ERROR_EXIT = 1
@@ -132,13 +135,16 @@ def run(environ: Mapping[str, str]) -> int:
     try:
         backend = select_backend(env.backend)
     except BackendUnavailable as exc:
-        backend_error = str(exc)  # reported in a fail once welcome has made us known
+        # Reported in a fail once welcome has made us known, never replaced by another
+        # backend: hello names what this worker really computes on, here nothing.
+        backend_error = f"backend {env.backend!r} is unavailable: {exc}"
+        _say(backend_error)
     board = Board()
     channel = Channel(env.endpoint, epoch=env.epoch, heartbeat=Heartbeat(board, env.epoch),
                       supervisor_pid=env.supervisor_pid, routing_id=env.token.encode())
     channel.start(Hello(epoch=env.epoch, token=env.token, pid=os.getpid(), job=env.job,
                         proto=PROTOCOL_VERSION,
-                        backend=backend.name if backend else env.backend,
+                        backend=backend.name if backend else NO_BACKEND,
                         device=backend.device if backend else ""))
     try:
         welcome = _await_welcome(channel, env.welcome_timeout)
@@ -146,8 +152,12 @@ def run(environ: Mapping[str, str]) -> int:
             _say(f"no welcome within {env.welcome_timeout:g} s")
             return exitcodes.STARTUP
         if backend is None:
-            raise RunFailed("backend_unavailable", backend_error, fatal=True,
-                            exit_code=exitcodes.FATAL)
+            raise RunFailed("backend_unavailable", backend_error, fatal=False,
+                            exit_code=exitcodes.BACKEND_UNAVAILABLE)
+        if backend.fallback:
+            channel.log("warning", "backend.fallback", {"asked": env.backend,
+                                                         "using": backend.name,
+                                                         "reason": backend.fallback})
         return _session(env, welcome, channel, board, backend, failpoints)
     except RunFailed as failure:
         channel.fail(failure.kind, failure.message, failure.traceback, failure.fatal)

@@ -5,14 +5,20 @@ For every integer N in [min_dimension, max_dimension], each once,
     S(N) = 1 + γ·ln(N/Nc)·(1 − e^(−δ(N−Nc))) + c2·ln(N/Nc)²/N² + c3·ln(N/Nc)³/N³
     γ = 0.23422, δ = 0.03511, Nc = 17.2644, c2 = 0.0089, c3 = 0.0034
 
-streamed in O(1) state: units of ``unit_dims`` consecutive N are evaluated by a kernel
-(``nkat_kernels`` on NumPy, ``nkat_cuda`` on CuPy) into one small partial each, and the
-partials are folded in unit order with Chan's combination (``streaming``).
+streamed in O(1) state. Units of ``unit_dims`` consecutive N are evaluated by a kernel
+(``nkat_kernels`` on NumPy, on every core; ``nkat_cuda`` on CuPy, folded on the device)
+into floating-point sums over fixed pieces of each unit (rows of at most a chunk, cut at
+the half), and those sums are added exactly, in integer fixed point (``nkat_sums``).
+A batch hands back one small partial: exact sums, extremes, probes. Partials add in any
+order, so the deterministic blocks of the result are byte-identical however the range
+is split: any batch size, any interruptions, any number of CPU threads, any shards
+computed apart and merged (``merge_state``). Statistics are taken from the exact sums
+and rounded once.
 
     job = NkatHighDim({"max_dimension": 10**6})
     for first in range(0, job.units_total(), 32):
-        for part in job.compute(numpy, first, min(32, job.units_total() - first)):
-            job.merge(part)
+        count = min(32, job.units_total() - first)
+        job.merge_batch(first, count, job.compute_batch(numpy, first, count).wait())
     result = job.finalize(context)
 
 Params (anything else is an error that names the key):
@@ -24,37 +30,39 @@ Params (anything else is an error that names the key):
     curve_points    2 … 65536                 default 512
     mpmath_samples  1 … 4096                  default 64 (used by precision mode)
 
-Precision modes: ``speed`` evaluates and sums each unit in float32 (N above 2^24 is
-rounded to float32 first); ``balanced`` in float64; ``precision`` in float64 with the
-corrected two-pass form inside each row and compensated (TwoSum) accumulation across rows
-and units, and checks S at ``mpmath_samples`` evenly spaced N against a 256-bit mpmath
-evaluation. Host-side folding is float64 in every mode. A unit's partial depends only on
-the unit (never on the batch it was computed in), so any batching and any number of
-interruptions give a byte-identical result on the same backend.
+Precision modes: ``speed`` evaluates and sums each piece in float32 (N above 2^24 is
+rounded to float32 first; the CUDA kernel does no double-precision operation per N);
+``balanced`` in float64; ``precision`` in float64 with a second pass over each piece
+around the first pass's means (the corrected two-pass form), and checks S at
+``mpmath_samples`` evenly spaced N against a 256-bit mpmath evaluation. In every mode
+the pieces' sums are added exactly, so the error does not grow with the range.
 
 What the result reports (the seed's key names; "convergence" is its word for S):
 
 summary
     total_dimensions      how many N were evaluated: max − min + 1.
     average_convergence   mean of S(N).
-    average_consistency   mean of the consistency c(N) = 1 − |S(N) − S∞(N)|/S∞(N), with
-                          S∞(N) = 1 + γ·ln(N/Nc) the leading asymptote. S∞ is zero at
-                          N = Nc·e^(−1/γ) ≈ 0.241 and negative below, but for every
-                          integer N ≥ 1 it is at least S∞(1) ≈ 0.333, so c(N) is always
-                          defined here; it is negative where S strays from S∞ by more than
-                          S∞ itself (N of a few units, where the e^(−δ(N−Nc)) term is big).
+    average_consistency   mean of the consistency c(N) = 1 − q(N), q(N) = |S(N) −
+                          S∞(N)|/S∞(N), with S∞(N) = 1 + γ·ln(N/Nc) the leading
+                          asymptote. S∞ is zero at N = Nc·e^(−1/γ) ≈ 0.241 and negative
+                          below, but for every integer N ≥ 1 it is at least S∞(1) ≈ 0.333,
+                          so c(N) is always defined here; it is negative where S strays
+                          from S∞ by more than S∞ itself (N of a few units).
+    average_relative_deviation   mean of q(N) itself: 1 − mean q keeps only the leading
+                          digits of a mean q of 1e-13, this keeps all of them.
     peak_convergence      the largest S(N).
     convergence_stability 1/(1 + σ_S), σ_S the population standard deviation of S over
                           the whole range: 1 for a constant S, falling as S spreads.
 performance               from the runtime, not deterministic: total_gpu_time (compute
                           seconds, on whichever backend), average_throughput (dimensions
-                          per compute second), peak_gpu_utilization (percent, None where
-                          no GPU reports it), max_memory_usage (peak memory, GiB),
+                          per compute second), max_memory_usage (peak memory, GiB),
                           fast_batch_throughput (dimensions per second of the fastest
                           tenth of the last worker process's batches: what a host that
                           switches between speeds moves least), epoch_throughput
                           (dimensions the last worker process computed per second of its
                           whole run loop: checkpoints, pauses and throttling included).
+                          No GPU utilisation: the worker cannot see the supervisor's NVML
+                          readings (docs/nkat.md).
 theoretical_validation
     consistency_trend     slope: least-squares slope of c(N) over N (per dimension);
                           improving: slope > 0; stability: 1/(1 + σ_c).
@@ -83,21 +91,39 @@ Every value is plain JSON (None where undefined, never NaN or infinity). Everyth
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from fractions import Fraction
+from typing import Any
 
 import msgpack
 
-from nkat.worker.job import Job, JobParamsError, RunContext
+from nkat.worker.job import Job, JobParamsError, Pending, Ready, RunContext
 from nkat.worker.jobs import nkat_kernels as nk
-from nkat.worker.jobs.streaming import Moments, RangeMoments, two_sum
+from nkat.worker.jobs.fixedpoint import as_fraction, sqrt_fraction
+from nkat.worker.jobs.nkat_sums import (
+    NQ,
+    Q1,
+    Q2,
+    S1_HI,
+    S1_LO,
+    S2_HI,
+    S2_LO,
+    SHIFT_BITS,
+    Partial,
+    better_max,
+    better_min,
+    fold_q,
+    fold_s,
+)
+from nkat.worker.unitset import UnitSet
 
 MAX_DIMENSION = 10**15
 PRECISION_MODES = {"speed": "float32", "balanced": "float64", "precision": "float64"}
 MPMATH_BITS = 256
-_SNAPSHOT_VERSION = 1
+_SNAPSHOT_VERSION = 2
 
 _DEFAULTS: dict[str, Any] = {
     "min_dimension": 1,
@@ -107,6 +133,9 @@ _DEFAULTS: dict[str, Any] = {
     "curve_points": 512,
     "mpmath_samples": 64,
 }
+
+#: (unit, first N, length) of a row: part of one unit, within one half, ≤ nk.CHUNK long.
+Piece = tuple[int, int, int]
 
 
 class EvenGrid:
@@ -137,46 +166,23 @@ class EvenGrid:
         return [self.at(k) for k in range(self.points)]
 
 
-class UnitPartial(NamedTuple):
-    """What one unit contributes; depends on the unit alone."""
+class _Moments:
+    """Count, mean and variance of a set of values from its exact sums (n, ΣS·2^SCALE,
+    ΣS²·2^SCALE), each rounded once."""
 
-    unit: int
-    lower: Moments             # S over the unit's N in the lower half (n == 0 if none)
-    upper: Moments             # S over the unit's N in the upper half
-    consistency: RangeMoments  # q = 1 − c over N
-    max_s: float
-    max_n: int
-    min_s: float
-    min_n: int
-    curve: tuple[float, ...]   # S at the curve's N inside the unit, in order
-    samples: tuple[float, ...]  # S at the mpmath samples' N inside the unit (precision)
+    def __init__(self, n: int, s1: int, s2: int) -> None:
+        self.n = n
+        if n:
+            self.mean: Fraction | None = as_fraction(s1) / n
+            self.var: Fraction | None = max(as_fraction(s2) / n - self.mean**2, Fraction(0))
+        else:
+            self.mean = self.var = None
 
+    def mean_value(self) -> float | None:
+        return None if self.mean is None else _finite(float(self.mean))
 
-class _UnitBuilder:
-    """Folds a unit's rows (pieces) into its partial, in N order."""
-
-    __slots__ = ("unit", "lower", "upper", "q", "best", "worst", "curve", "samples")
-
-    def __init__(self, unit: int) -> None:
-        self.unit = unit
-        self.lower, self.upper, self.q = Moments(), Moments(), RangeMoments()
-        self.best: tuple[float, int] | None = None
-        self.worst: tuple[float, int] | None = None
-        self.curve: list[float] = []
-        self.samples: list[float] = []
-
-    def extremes(self, max_s: float, max_n: int, min_s: float, min_n: int) -> None:
-        # Strict comparisons: on a tie the earlier N stays, as argmax/argmin pick it.
-        if self.best is None or max_s > self.best[0]:
-            self.best = (max_s, max_n)
-        if self.worst is None or min_s < self.worst[0]:
-            self.worst = (min_s, min_n)
-
-    def partial(self) -> UnitPartial:
-        assert self.best is not None and self.worst is not None
-        return UnitPartial(self.unit, self.lower, self.upper, self.q,
-                           self.best[0], self.best[1], self.worst[0], self.worst[1],
-                           tuple(self.curve), tuple(self.samples))
+    def std(self) -> float | None:
+        return None if self.var is None else _finite(sqrt_fraction(self.var))
 
 
 def _int_param(params: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
@@ -200,11 +206,6 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _std(m: Moments) -> float | None:
-    var = m.variance()
-    return None if var is None else math.sqrt(var)
-
-
 def _stability(std: float | None) -> float | None:
     return None if std is None else 1.0 / (1.0 + std)
 
@@ -214,6 +215,7 @@ class NkatHighDim(Job):
 
     name = "nkat-highdim"
     default_batch_units = 32
+    shardable = True
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         unknown = sorted(set(params) - set(_DEFAULTS))
@@ -232,6 +234,7 @@ class NkatHighDim(Job):
         self.mpmath_samples = _int_param(params, "mpmath_samples", 1, 4096)
         self.precision = mode == "precision"
         self.dtype = PRECISION_MODES[mode]
+        self.shift_bits = SHIFT_BITS[self.dtype]
         if self.precision:
             try:
                 import mpmath  # noqa: F401
@@ -247,17 +250,12 @@ class NkatHighDim(Job):
                             if self.precision else None)
         self._fingerprint = [self.min_n, self.max_n, mode, self.unit_dims,
                              self.curve_points, self.mpmath_samples]
-        self._numpy: nk.NumpyKernel | None = None
+        self._threads = 1
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._kernels: list[nk.NumpyKernel] = []
         self._cuda: Any = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.units_done = 0
-        self.lower, self.upper, self.q = Moments(), Moments(), RangeMoments()
-        self.best: tuple[float, int] | None = None
-        self.worst: tuple[float, int] | None = None
-        self.curve: list[float] = []
-        self.samples: list[float] = []
+        self.done = UnitSet()
+        self.part = Partial.empty()
 
     # -- geometry ---------------------------------------------------------------------
 
@@ -280,10 +278,10 @@ class NkatHighDim(Job):
         dims = self.unit_range(total - 1)[1] - self.unit_range(first)[0] + 1
         return _finite(dims / wall)
 
-    def _pieces(self, first: int, count: int) -> list[tuple[int, int, int]]:
+    def _pieces(self, first: int, count: int) -> list[Piece]:
         """(unit, first N, length) of each row: units cut at CHUNK from their start and at
         the half, so no row is longer than a chunk or straddles the two halves."""
-        out: list[tuple[int, int, int]] = []
+        out: list[Piece] = []
         for unit in range(first, first + count):
             a, b = self.unit_range(unit)
             cuts = list(range(a, b + 1, nk.CHUNK))
@@ -294,180 +292,164 @@ class NkatHighDim(Job):
             out.extend((unit, x, y - x) for x, y in zip(cuts, cuts[1:], strict=False))
         return out
 
-    # -- compute ----------------------------------------------------------------------
-
-    def compute(self, xp: Any, first: int, count: int) -> Sequence[UnitPartial]:
-        if count < 1 or first < 0 or first + count > self.units_total():
-            raise ValueError(f"units {first}+{count} outside 0..{self.units_total()}")
-        if getattr(xp, "__name__", "") == "numpy":
-            return self._compute_numpy(first, count)
-        return self._compute_cuda(xp, first, count)
-
-    def _probes_in(self, a: int, b: int) -> list[tuple[int, int]]:
-        """(N, kind) of every probe in [a, b]: kind 0 a curve point, 1 an mpmath sample;
-        in N order within each kind."""
-        grids = [self.curve_grid] + ([self.sample_grid] if self.sample_grid else [])
-        return [(grid.at(k), kind) for kind, grid in enumerate(grids)
-                for k in grid.between(a, b)]
-
-    def _compute_numpy(self, first: int, count: int) -> list[UnitPartial]:
-        if self._numpy is None:
-            self._numpy = nk.NumpyKernel(self.dtype, self.precision)
-        kernel, comp = self._numpy, self.precision
-        builders = {u: _UnitBuilder(u) for u in range(first, first + count)}
+    def _chunks(self, first: int, count: int) -> list[list[Piece]]:
+        """The batch's rows grouped into kernel calls: consecutive rows of one length
+        (consecutive N) filling at most CHUNK elements."""
         pieces = self._pieces(first, count)
+        chunks: list[list[Piece]] = []
         i = 0
         while i < len(pieces):
             cols = pieces[i][2]
-            # A chunk: consecutive rows of one length (consecutive N) filling CHUNK.
-            j = i + 1
-            limit = i + max(nk.CHUNK // cols, 1)
+            j, limit = i + 1, i + max(nk.CHUNK // cols, 1)
             while j < len(pieces) and j < limit and pieces[j][2] == cols:
                 j += 1
-            rows = pieces[i:j]
-            n0 = rows[0][1]
-            probes: list[tuple[int, list[float]]] = []  # (offset in chunk, destination)
-            for unit, a, length in rows:
-                b = builders[unit]
-                probes += [(n - n0, b.samples if kind else b.curve)
-                           for n, kind in self._probes_in(a, a + length - 1)]
-            st = kernel.rows(n0, len(rows), cols, [off for off, _ in probes])
-            for (_, sink), value in zip(probes, st.probes, strict=True):
-                sink.append(value)
-            for r, (unit, a, length) in enumerate(rows):
-                b = builders[unit]
-                mean, mean_lo = ((two_sum(st.shift[r], st.mean_d[r])) if comp
-                                 else (st.shift[r] + st.mean_d[r], 0.0))
-                side = b.upper if a >= self.half_n else b.lower
-                side.add(Moments(length, mean, mean_lo, st.m2[r]), comp)
-                b.q.add(RangeMoments(a, a + length - 1,
-                                     Moments(length, st.mean_q[r], 0.0, st.m2_q[r]),
-                                     st.co_q[r]), comp)
-                b.extremes(st.max_s[r], a + st.arg_max[r], st.min_s[r], a + st.arg_min[r])
+            chunks.append(pieces[i:j])
             i = j
-        return [builders[u].partial() for u in range(first, first + count)]
+        return chunks
 
-    def _compute_cuda(self, xp: Any, first: int, count: int) -> list[UnitPartial]:
+    def _probes_in(self, a: int, b: int) -> list[tuple[int, int, int]]:
+        """(N, kind, grid index) of every probe in [a, b]: kind 0 a curve point, 1 an
+        mpmath sample."""
+        grids = [self.curve_grid] + ([self.sample_grid] if self.sample_grid else [])
+        return [(grid.at(k), kind, k) for kind, grid in enumerate(grids)
+                for k in grid.between(a, b)]
+
+    # -- compute ----------------------------------------------------------------------
+
+    def set_cpu_threads(self, threads: int) -> None:
+        self._threads = max(1, threads)
+
+    def compute_batch(self, xp: Any, first: int, count: int) -> Pending:
+        if count < 1 or first < 0 or first + count > self.units_total():
+            raise ValueError(f"units {first}+{count} outside 0..{self.units_total()}")
+        if getattr(xp, "__name__", "") == "numpy":
+            return Ready(self._compute_cpu(first, count))
+        return self._compute_cuda(xp, first, count)
+
+    def _compute_cpu(self, first: int, count: int) -> Partial:
+        chunks = self._chunks(first, count)
+        groups = _split_even(chunks, self._threads)
+        while len(self._kernels) < len(groups):
+            self._kernels.append(nk.NumpyKernel(self.dtype, self.precision))
+        if len(groups) == 1:
+            return self._cpu_group(0, groups[0])
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self._threads, thread_name_prefix="nkat-cpu")
+        total = Partial.empty()
+        # Exact sums: the groups' partials add up to the same bytes in any grouping.
+        for part in self._pool.map(self._cpu_group, range(len(groups)), groups):
+            total.add(part)
+        return total
+
+    def _cpu_group(self, index: int, chunks: list[list[Piece]]) -> Partial:
+        """Rows of consecutive chunks on this thread's own kernel (NumPy frees the GIL)."""
+        kernel, kb, half_n = self._kernels[index], self.shift_bits, self.half_n
+        part = Partial.empty()
+        sums, sinks = part.sums, (part.curve, part.samples)
+        for rows in chunks:
+            n0, cols = rows[0][1], rows[0][2]
+            probes = [(n - n0, kind, k) for _, a, length in rows
+                      for n, kind, k in self._probes_in(a, a + length - 1)]
+            st = kernel.rows(n0, len(rows), cols, [off for off, _, _ in probes])
+            for (_, kind, k), value in zip(probes, st.probes, strict=True):
+                sinks[kind][k] = value
+            for r, (_, a, length) in enumerate(rows):
+                fold_s(sums, a >= half_n, length, st.k[r], kb, st.sum_d[r], st.sum_dd[r])
+                fold_q(sums, length, 2 * a + length - 1, st.q_m[r], st.q_e[r], st.sum_e[r],
+                       st.sum_ee[r], st.sum_w2e[r])
+                part.max = better_max(part.max, (st.max_s[r], a + st.arg_max[r]))
+                part.min = better_min(part.min, (st.min_s[r], a + st.arg_min[r]))
+        return part
+
+    def _compute_cuda(self, xp: Any, first: int, count: int) -> Pending:
         from nkat.worker.jobs import nkat_cuda
 
         if self._cuda is None:
             self._cuda = nkat_cuda.CudaKernel(xp, self.dtype, self.precision)
-        comp = self.precision
-        probe_ns: list[int] = []
-        owners: list[tuple[int, int]] = []  # (unit offset in the batch, kind)
-        for u in range(count):
-            for n, kind in self._probes_in(*self.unit_range(first + u)):
-                probe_ns.append(n)
-                owners.append((u, kind))
-        a0, _ = self.unit_range(first)
-        st = self._cuda.rows(a0, count, self.unit_dims, self.max_n, self.half_n, probe_ns)
-        found: list[tuple[list[float], list[float]]] = [([], []) for _ in range(count)]
-        for (u, kind), value in zip(owners, st.probes, strict=True):
-            found[u][kind].append(value)
-        out = []
-        for u in range(count):
-            a, b = self.unit_range(first + u)
-            n_lo = min(max(self.half_n - a, 0), b - a + 1)
-            n_hi = b - a + 1 - n_lo
-            halves = []
-            for n_side, mean_d, m2 in ((n_lo, st.mean_lo[u], st.m2_lo[u]),
-                                       (n_hi, st.mean_hi[u], st.m2_hi[u])):
-                if n_side == 0:
-                    halves.append(Moments())
-                    continue
-                mean, mean_lo = ((two_sum(st.shift[u], mean_d)) if comp
-                                 else (st.shift[u] + mean_d, 0.0))
-                halves.append(Moments(n_side, mean, mean_lo, m2))
-            q = RangeMoments(a, b, Moments(b - a + 1, st.mean_q[u], 0.0, st.m2_q[u]),
-                             st.co_q[u])
-            out.append(UnitPartial(first + u, halves[0], halves[1], q,
-                                   st.max_s[u], a + st.arg_max[u],
-                                   st.min_s[u], a + st.arg_min[u],
-                                   tuple(found[u][0]), tuple(found[u][1])))
-        return out
+        a, _ = self.unit_range(first)
+        _, b = self.unit_range(first + count - 1)
+        probes = self._probes_in(a, b)
+        batch = self._cuda.launch(a, count, self.unit_dims, self.max_n, self.half_n,
+                                  [n for n, _, _ in probes])
+        return _CudaPending(batch, [(kind, k) for _, kind, k in probes])
 
     # -- state ------------------------------------------------------------------------
 
-    def merge(self, partial: UnitPartial) -> None:
-        if partial.unit != self.units_done:
-            raise ValueError(f"merge of unit {partial.unit}, expected {self.units_done}")
-        comp = self.precision
-        self.lower.add(partial.lower, comp)
-        self.upper.add(partial.upper, comp)
-        self.q.add(partial.consistency, comp)
-        if self.best is None or partial.max_s > self.best[0]:
-            self.best = (partial.max_s, partial.max_n)
-        if self.worst is None or partial.min_s < self.worst[0]:
-            self.worst = (partial.min_s, partial.min_n)
-        self.curve.extend(partial.curve)
-        self.samples.extend(partial.samples)
-        self.units_done += 1
+    def merge_batch(self, first: int, count: int, partial: Partial) -> None:
+        self.done.add(first, first + count)
+        self.part.add(partial)
 
     def snapshot(self) -> bytes:
         packed: bytes = msgpack.packb({
             "v": _SNAPSHOT_VERSION,
             "params": self._fingerprint,
-            "units_done": self.units_done,
-            "lower": self.lower.to_list(),
-            "upper": self.upper.to_list(),
-            "q": self.q.to_list(),
-            "max": list(self.best) if self.best else None,
-            "min": list(self.worst) if self.worst else None,
-            "curve": self.curve,
-            "samples": self.samples,
+            "units": self.done.to_list(),
+            "partial": self.part.to_wire(),
         }, use_bin_type=True)
         return packed
 
-    def restore(self, data: bytes) -> None:
+    def _unpack(self, data: bytes) -> tuple[UnitSet, Partial]:
         state = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        if state.get("v") != _SNAPSHOT_VERSION:
-            raise ValueError(f"snapshot version {state.get('v')!r}, "
-                             f"expected {_SNAPSHOT_VERSION}")
+        if not isinstance(state, dict) or state.get("v") != _SNAPSHOT_VERSION:
+            version = state.get("v") if isinstance(state, dict) else None
+            raise ValueError(f"snapshot version {version!r}, expected {_SNAPSHOT_VERSION}")
         if state["params"] != self._fingerprint:
             raise ValueError(f"snapshot of params {state['params']}, "
                              f"this job has {self._fingerprint}")
-        self.units_done = int(state["units_done"])
-        self.lower = Moments.from_list(state["lower"])
-        self.upper = Moments.from_list(state["upper"])
-        self.q = RangeMoments.from_list(state["q"])
-        self.best = (float(state["max"][0]), int(state["max"][1])) if state["max"] else None
-        self.worst = (float(state["min"][0]), int(state["min"][1])) if state["min"] else None
-        self.curve = [float(v) for v in state["curve"]]
-        self.samples = [float(v) for v in state["samples"]]
+        return UnitSet(state["units"]), Partial.from_wire(state["partial"])
+
+    def restore(self, data: bytes) -> None:
+        self.done, self.part = self._unpack(data)
+
+    def merge_state(self, snapshot: bytes) -> None:
+        done, part = self._unpack(snapshot)
+        self.done.update(done)
+        self.part.add(part)
 
     # -- result -----------------------------------------------------------------------
 
     def finalize(self, context: RunContext) -> dict[str, Any]:
-        total = Moments(*self.lower.to_list())
-        total.add(self.upper, self.precision)
-        std_s, std_hi, std_lo = _std(total), _std(self.upper), _std(self.lower)
-        std_c = _std(self.q.y)
-        mean_q = self.q.y.value()
-        q_slope = self.q.slope()
-        slope = None if q_slope is None else -q_slope
-        peak_n = self.best[1] if self.best else None
-        done = total.n
+        if not self.done.covers(0, self.units_total()):
+            raise ValueError(f"finalize with units {self.done.to_list()} merged, "
+                             f"not [0, {self.units_total()})")
+        sums = self.part.sums
+        n_lo, n = self.half_n - self.min_n, self.count
+        lower = _Moments(n_lo, sums[S1_LO], sums[S2_LO])
+        upper = _Moments(n - n_lo, sums[S1_HI], sums[S2_HI])
+        total = _Moments(n, sums[S1_LO] + sums[S1_HI], sums[S2_LO] + sums[S2_HI])
+        q = _Moments(n, sums[Q1], sums[Q2])
+        std_s, std_hi, std_lo, std_c = total.std(), upper.std(), lower.std(), q.std()
+        slope = None
+        if n >= 2:
+            # cov(N, q) = ΣN·q − ΣN·Σq/n with ΣN = n·(min + max)/2; Σ(N − N̄)² = n(n²−1)/12.
+            cov = as_fraction(sums[NQ]) - Fraction(self.min_n + self.max_n, 2) \
+                * as_fraction(sums[Q1])
+            slope = _finite(float(-cov / Fraction(n * (n * n - 1), 12)))
+        mean_q = q.mean
+        best, worst = self.part.max, self.part.min
+        peak_n = best[1] if best else None
         seconds = context.compute_seconds
         halves = {}
-        for name, m, first, last in (("lower_half", self.lower, self.min_n, self.half_n - 1),
-                                     ("upper_half", self.upper, self.half_n, self.max_n)):
+        for name, m, first, last in (("lower_half", lower, self.min_n, self.half_n - 1),
+                                     ("upper_half", upper, self.half_n, self.max_n)):
             halves[name] = {"first_dimension": first if first <= last else None,
                             "last_dimension": last if first <= last else None,
-                            "count": m.n, "mean": _finite(m.value()), "std": _finite(_std(m))}
+                            "count": m.n, "mean": m.mean_value(), "std": m.std()}
         return {
             "summary": {
-                "total_dimensions": done,
+                "total_dimensions": n,
                 "min_dimension": self.min_n,
                 "max_dimension": self.max_n,
-                "average_convergence": _finite(total.value()),
-                "average_consistency": None if mean_q is None else _finite(1.0 - mean_q),
-                "peak_convergence": _finite(self.best[0]) if self.best else None,
+                "average_convergence": total.mean_value(),
+                "average_consistency": None if mean_q is None else _finite(float(1 - mean_q)),
+                "average_relative_deviation": q.mean_value(),
+                "peak_convergence": _finite(best[0]) if best else None,
                 "convergence_stability": _finite(_stability(std_s)),
             },
             "performance": {
                 "total_gpu_time": _finite(seconds),
-                "average_throughput": _finite(done / seconds) if seconds > 0 else None,
-                "peak_gpu_utilization": _finite(context.extra.get("peak_gpu_utilization")),
+                "average_throughput": _finite(n / seconds) if seconds > 0 else None,
                 "max_memory_usage": _finite(context.peak_memory_bytes / 2**30),
                 "fast_batch_throughput": _fast_throughput(
                     context.extra.get("unit_seconds_p10"), self.unit_dims),
@@ -475,13 +457,13 @@ class NkatHighDim(Job):
             },
             "theoretical_validation": {
                 "consistency_trend": {
-                    "slope": _finite(slope),
+                    "slope": slope,
                     "improving": None if slope is None else slope > 0,
                     "stability": _finite(_stability(std_c)),
                 },
                 "convergence_pattern": {
                     "peak_dimension": peak_n,
-                    "peak_value": _finite(self.best[0]) if self.best else None,
+                    "peak_value": _finite(best[0]) if best else None,
                     "theoretical_peak": nk.NC,
                     "peak_accuracy": (None if peak_n is None
                                       else _finite(1.0 - abs(peak_n - nk.NC) / nk.NC)),
@@ -493,13 +475,13 @@ class NkatHighDim(Job):
                 },
             },
             "statistics": {
-                "std": _finite(std_s),
-                "minimum": {"value": _finite(self.worst[0]) if self.worst else None,
-                            "dimension": self.worst[1] if self.worst else None},
-                "maximum": {"value": _finite(self.best[0]) if self.best else None,
+                "std": std_s,
+                "minimum": {"value": _finite(worst[0]) if worst else None,
+                            "dimension": worst[1] if worst else None},
+                "maximum": {"value": _finite(best[0]) if best else None,
                             "dimension": peak_n},
                 **halves,
-                "consistency_std": _finite(std_c),
+                "consistency_std": std_c,
             },
             "provenance": {
                 "backend": context.backend,
@@ -509,20 +491,58 @@ class NkatHighDim(Job):
                 "epochs": context.epochs,
                 "restarts": context.restarts,
             },
-            "curve": {"N": self.curve_grid.values()[:len(self.curve)],
-                      "S": [_finite(v) for v in self.curve]},
+            "curve": self._probe_block(self.curve_grid, self.part.curve),
             "precision": self._precision_block(),
         }
+
+    @staticmethod
+    def _probe_block(grid: EvenGrid, values: Mapping[int, float]) -> dict[str, Any]:
+        ks = sorted(values)
+        return {"N": [grid.at(k) for k in ks], "S": [_finite(values[k]) for k in ks]}
 
     def _precision_block(self) -> dict[str, Any]:
         block: dict[str, Any] = {"mode": self.mode, "dtype": self.dtype}
         if self.sample_grid is None:
             return block
-        ns = self.sample_grid.values()[:len(self.samples)]
-        worst, worst_n = mpmath_check(ns, self.samples)
-        block["mpmath"] = {"bits": MPMATH_BITS, "samples": ns,
+        probes = self._probe_block(self.sample_grid, self.part.samples)
+        worst, worst_n = mpmath_check(probes["N"], probes["S"])
+        block["mpmath"] = {"bits": MPMATH_BITS, "samples": probes["N"],
                            "max_relative_error": _finite(worst), "worst_dimension": worst_n}
         return block
+
+
+class _CudaPending:
+    """A batch queued on the GPU; ``wait`` turns its one record into a Partial."""
+
+    pending = True
+
+    def __init__(self, batch: Any, probes: list[tuple[int, int]]) -> None:
+        self._batch, self._probes = batch, probes
+
+    def wait(self) -> Partial:
+        record = self._batch.wait()
+        part = Partial(record.sums, record.max, record.min)
+        sinks = (part.curve, part.samples)
+        for (kind, k), value in zip(self._probes, record.probes, strict=True):
+            sinks[kind][k] = value
+        return part
+
+
+def _split_even(chunks: list[list[Piece]], parts: int) -> list[list[list[Piece]]]:
+    """Consecutive chunks in at most ``parts`` groups of about equal element counts."""
+    if parts <= 1 or len(chunks) <= 1:
+        return [chunks]
+    sizes = [rows[0][2] * len(rows) for rows in chunks]
+    total, target = sum(sizes), sum(sizes) / min(parts, len(chunks))
+    groups: list[list[list[Piece]]] = [[]]
+    filled = 0
+    for rows, size in zip(chunks, sizes, strict=True):
+        if groups[-1] and filled + size / 2 > target * len(groups) and len(groups) < parts:
+            groups.append([])
+        groups[-1].append(rows)
+        filled += size
+    assert filled == total
+    return groups
 
 
 def reference_s(n: int, bits: int = MPMATH_BITS) -> Any:

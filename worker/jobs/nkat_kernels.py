@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nkat.worker.jobs.nkat_sums import SHIFT_BITS
+
 GAMMA = 0.23422
 DELTA = 0.03511
 NC = 17.2644
@@ -53,30 +55,35 @@ def model(n: np.ndarray) -> np.ndarray:
     return s
 
 
-def shifts(first: np.ndarray, length: float | np.ndarray) -> np.ndarray:
-    """The shift K = S(middle N) of each row: rows' moments are summed as S − K.
+def shift_k(first: np.ndarray, length: float | np.ndarray, kb: int) -> np.ndarray:
+    """The shift of each row as k (K = k·2^-kb): S at the row's middle N on that grid.
 
-    Any K gives the same moments in exact arithmetic; one near the row's mean keeps
+    Any K gives the same sums in exact arithmetic; one near the row's mean keeps
     Σ(S − K)² from cancelling against (Σ(S − K))²/n, which float32 sums (speed mode)
-    would feel first.
+    would feel first. On a grid of 2^-kb, n·K and n·K² are exact integer products.
     """
-    return model(first + (length - 1) / 2)
+    k: np.ndarray = np.rint(np.ldexp(model(first + (length - 1) / 2), kb)).astype(np.int64)
+    return k
 
 
 @dataclass(frozen=True, slots=True)
 class RowStats:
     """Per-row figures of one chunk, each a list with one entry per row.
 
-    S is summarised as shift, mean of S − shift and M2; q as mean, M2 and the co-moment
-    Σ w·(q − mean) with w the offset of N from the row's middle.
+    S is summed around the row's shift K = k·2^-kb: sum_d = Σ(S − K), sum_dd = Σ(S − K)².
+    q around Q = q_m·2^q_e (0 but in precision mode): sum_e = Σ(q − Q), sum_ee = Σ(q − Q)²,
+    sum_w2e = Σ w2·(q − Q), w2 = 2·offset − (cols − 1) twice the offset from the row's
+    middle. ``nkat_sums.fold_s``/``fold_q`` add them up exactly.
     """
 
-    shift: list[float]
-    mean_d: list[float]
-    m2: list[float]
-    mean_q: list[float]
-    m2_q: list[float]
-    co_q: list[float]
+    k: list[int]
+    sum_d: list[float]
+    sum_dd: list[float]
+    q_m: list[int]
+    q_e: list[int]
+    sum_e: list[float]
+    sum_ee: list[float]
+    sum_w2e: list[float]
     arg_max: list[int]
     max_s: list[float]
     arg_min: list[int]
@@ -84,23 +91,12 @@ class RowStats:
     probes: list[float]
 
 
-def center(n: float | np.ndarray, sum_d: np.ndarray, sum_dd: np.ndarray,
-           sum_e: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, M2) of rows of n values from their sums.
-
-    Without ``sum_e`` (balanced, speed) sum_dd is Σd², one pass over shifted data. With
-    it (precision) the corrected two-pass form of Chan, Golub and LeVeque: sum_e is Σe
-    and sum_dd is Σe² for e = d − Σd/n, so the rounding left in the first mean is taken
-    back out.
-    """
-    mean = sum_d / n
-    if sum_e is None:
-        m2 = sum_dd - sum_d * mean
-    else:
-        m2 = sum_dd - sum_e * (sum_e / n)
-        mean = mean + sum_e / n
-    # Rounding can leave a variance a hair below zero when the row is nearly constant.
-    return mean, np.maximum(m2, 0.0)
+def short_mantissa(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x rounded to 24 significant bits, as integers (m, e) with value m·2^e: the centre
+    of q in precision mode, short so that n·Q² is an exact integer product."""
+    rounded = x.astype(np.float32).astype(np.float64)
+    fraction, exponent = np.frexp(rounded)
+    return (np.ldexp(fraction, 24).astype(np.int64), (exponent - 24).astype(np.int64))
 
 
 def _aligned(size: int, dtype: np.dtype) -> np.ndarray:
@@ -123,6 +119,7 @@ class NumpyKernel:
         self.dtype = dt
         self.precision = precision
         self.exp_from = exp_zero_from(dt.name)
+        self.shift_bits = SHIFT_BITS[dt.name]
         self._offsets = np.arange(CHUNK, dtype=dt)
         self._bufs = tuple(_aligned(CHUNK, dt) for _ in range(5))
         self._weights: dict[int, np.ndarray] = {}
@@ -130,12 +127,13 @@ class NumpyKernel:
         self._c2, self._c3, self._one = dt.type(C2), dt.type(C3), dt.type(1.0)
 
     def weights(self, cols: int) -> np.ndarray:
-        """w = offset − (cols − 1)/2: centred on the row, exact (half-integers)."""
+        """w2 = 2·offset − (cols − 1): twice the offset from the row's middle, an integer,
+        exact in float32 too (|w2| < 2^17)."""
         w = self._weights.get(cols)
         if w is None:
             # Row lengths seen in a run: the unit length, CHUNK, and the few remainders
             # of the last unit and the half split; the cache stays that small.
-            w = self._offsets[:cols] - self.dtype.type((cols - 1) / 2)
+            w = 2 * self._offsets[:cols] - self.dtype.type(cols - 1)
             self._weights[cols] = w
         return w
 
@@ -180,43 +178,39 @@ class NumpyKernel:
         s2, q2 = s.reshape(rows, cols), q.reshape(rows, cols)
         d2, t2 = u.reshape(rows, cols), lg.reshape(rows, cols)
         starts = first + cols * np.arange(rows, dtype=np.float64)
-        shift = shifts(starts, float(cols)).astype(self.dtype)
-        np.subtract(s2, shift[:, None], out=d2)
-        w = self.weights(cols)
+        kb = self.shift_bits
+        k = shift_k(starts, float(cols), kb)
         reduce = np.add.reduce
+        np.subtract(s2, np.ldexp(k, -kb).astype(self.dtype)[:, None], out=d2)
         sum_d = reduce(d2, axis=1)
-        sum_q = reduce(q2, axis=1)
         if self.precision:
-            np.subtract(d2, (sum_d / cols)[:, None], out=t2)
-            sum_e = reduce(t2, axis=1)
-            np.multiply(t2, t2, out=t2)
-            sum_dd = reduce(t2, axis=1)
-            np.subtract(q2, (sum_q / cols)[:, None], out=t2)
-            sum_qe = reduce(t2, axis=1)
-            np.multiply(t2, w, out=d2)
-            co_q = reduce(d2, axis=1)
-            np.multiply(t2, t2, out=t2)
-            sum_qq = reduce(t2, axis=1)
+            # Second pass around the first pass's mean, put on the shift grid: the
+            # corrected two-pass form, in the shape every mode folds exactly.
+            k = k + np.rint(np.ldexp(sum_d.astype(np.float64) / cols, kb)).astype(np.int64)
+            np.subtract(s2, np.ldexp(k, -kb).astype(self.dtype)[:, None], out=d2)
+            sum_d = reduce(d2, axis=1)
+        np.multiply(d2, d2, out=t2)
+        sum_dd = reduce(t2, axis=1)
+        if self.precision:
+            q_m, q_e = short_mantissa(reduce(q2, axis=1).astype(np.float64) / cols)
+            np.subtract(q2, np.ldexp(q_m, q_e).astype(self.dtype)[:, None], out=d2)
+            e2 = d2
         else:
-            sum_e = sum_qe = None
-            np.multiply(d2, d2, out=t2)
-            sum_dd = reduce(t2, axis=1)
-            np.multiply(q2, q2, out=t2)
-            sum_qq = reduce(t2, axis=1)
-            np.multiply(q2, w, out=t2)
-            co_q = reduce(t2, axis=1)
+            q_m = q_e = np.zeros(rows, dtype=np.int64)
+            e2 = q2
+        sum_e = reduce(e2, axis=1)
+        np.multiply(e2, self.weights(cols), out=t2)
+        sum_w2e = reduce(t2, axis=1)
+        np.multiply(e2, e2, out=t2)
+        sum_ee = reduce(t2, axis=1)
         arg_max = np.argmax(s2, axis=1)
         arg_min = np.argmin(s2, axis=1)
         index = np.arange(rows)
         f64 = np.float64
-        mean_d, m2 = center(cols, sum_d.astype(f64), sum_dd.astype(f64),
-                            None if sum_e is None else sum_e.astype(f64))
-        mean_q, m2_q = center(cols, sum_q.astype(f64), sum_qq.astype(f64),
-                              None if sum_qe is None else sum_qe.astype(f64))
         return RowStats(
-            shift=shift.astype(f64).tolist(),
-            mean_d=mean_d.tolist(), m2=m2.tolist(),
-            mean_q=mean_q.tolist(), m2_q=m2_q.tolist(), co_q=co_q.astype(f64).tolist(),
+            k=k.tolist(), sum_d=sum_d.astype(f64).tolist(), sum_dd=sum_dd.astype(f64).tolist(),
+            q_m=q_m.tolist(), q_e=q_e.tolist(), sum_e=sum_e.astype(f64).tolist(),
+            sum_ee=sum_ee.astype(f64).tolist(), sum_w2e=sum_w2e.astype(f64).tolist(),
             arg_max=arg_max.tolist(), max_s=s2[index, arg_max].astype(f64).tolist(),
             arg_min=arg_min.tolist(), min_s=s2[index, arg_min].astype(f64).tolist(),
             probes=s[probes].astype(f64).tolist() if probes else [],

@@ -99,10 +99,11 @@ class Key:
             what += f" in [{lo}, {hi}]"
         return what + (" or null" if self.nullable else "")
 
-    def check(self, raw: Any) -> Any:
-        """``raw`` (a value, or text from ``--set``) as this key's value; SettingError if
-        the key does not allow it."""
-        value = parse_text(raw) if isinstance(raw, str) and self.kind is not str else raw
+    def check(self, raw: Any, *, text: bool = True) -> Any:
+        """``raw`` as this key's value (with ``text``, a string is first read as ``--set``
+        text: "12" is 12); SettingError if the key does not allow it."""
+        value = parse_text(raw) if text and isinstance(raw, str) and self.kind is not str \
+            else raw
         if value is None:
             if self.nullable:
                 return None
@@ -151,15 +152,26 @@ def keys_of(cls: type) -> tuple[Key, ...]:
 
 
 def build(cls: type[Any], raw: Mapping[str, Any], *, strict: bool = False) -> Any:
-    """An instance of ``cls`` from ``raw``: each declared key checked (missing ones keep
-    their defaults); with ``strict``, an unknown key is an error too."""
+    """An instance of ``cls`` from typed values (a wire map: no text is parsed), each
+    declared key checked (missing ones keep their defaults); with ``strict``, an unknown
+    key is an error too."""
     keys = {k.name: k for k in keys_of(cls)}
     if strict:
         unknown = sorted(set(raw) - set(keys))
         if unknown:
             raise SettingError(unknown[0], f"unknown param {unknown[0]!r}; allowed: "
                                            f"{', '.join(sorted(keys))}")
-    return cls(**{name: key.check(raw[name]) for name, key in keys.items() if name in raw})
+    return cls(**{name: key.check(raw[name], text=False) for name, key in keys.items()
+                  if name in raw})
+
+
+def split_assignment(option: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (a ``--set`` option) as (key, value text); SettingError if malformed."""
+    name, sep, value = option.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise SettingError(name, f"--set {option!r}: expected KEY=VALUE")
+    return name, value
 
 
 def parse_text(text: str) -> Any:
@@ -221,6 +233,9 @@ class WorkerSettings:
         role=W, low=1, high=3600)
     ack_resend: float = setting(
         5.0, "seconds before an unacknowledged message is resent", role=W, low=0.1, high=600)
+    cpu_threads: int = setting(
+        0, "threads a CPU batch may use (0: every core this process may run on); the result "
+        "is the same bytes for any count", role=W, low=0, high=4096)
 
 
 J = Role.JOB

@@ -36,6 +36,7 @@ from nkat.protocol.settings import (
     keys_of,
     parse_text,
     setting,
+    split_assignment,
 )
 from nkat.supervisor.notify import NotifySettings
 from nkat.supervisor.policies.kill_sequence import KillSettings
@@ -238,10 +239,10 @@ def parse_set_options(options: Iterable[str]) -> dict[str, str]:
     """``KEY=VALUE`` strings from ``--set`` into a dict; ConfigError on a bad one."""
     out: dict[str, str] = {}
     for option in options:
-        name, sep, value = option.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ConfigError(f"--set {option!r}: expected KEY=VALUE")
+        try:
+            name, value = split_assignment(option)
+        except SettingError as exc:
+            raise ConfigError(str(exc)) from None
         if name not in KEY_BY_NAME and not name.startswith(PARAM_PREFIX):
             raise ConfigError(unknown_key_message(name))
         out[name] = value

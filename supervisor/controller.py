@@ -57,6 +57,7 @@ from nkat.supervisor.policies.lifecycle import WorkerState, can_transition, chec
 from nkat.supervisor.policies.resources import LeakWatch, MemoryWatch, PowerWatch, ResourceSettings
 from nkat.supervisor.policies.restart_policy import (
     Decision,
+    ExitClass,
     ExitInfo,
     RestartAction,
     RestartPolicy,
@@ -73,6 +74,8 @@ from nkat.supervisor.policies.xid import XidAction, classify_event, classify_gpu
 if TYPE_CHECKING:  # the sensor's value types only: the controller never reads a GPU
     from nkat.supervisor.gpu.sensor import Reading, Thresholds, XidEvent
 
+#: The backends a run can be pinned to (a worker that has none says "none").
+PINNABLE = ("numpy", "cupy")
 #: How often status is written (s).
 STATUS_EVERY_S = 1.0
 #: The id of the one worker the command line runs.
@@ -329,6 +332,13 @@ class Count:
 
 
 @dataclasses.dataclass(frozen=True)
+class PinBackend:
+    """Record in the run's own settings the backend it computes on from now on."""
+
+    backend: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Notify:
     """Tell someone far away (``notify_url``, ``notify_command``): one of the kinds of
     ``nkat.supervisor.notify.KINDS``; delivery never holds up the loop."""
@@ -351,7 +361,7 @@ class Finish:
 
 Effect = (Append | AppendCheckpoint | Send | SignalWorker | Spawn | LoadCheckpoint
           | ReleaseWorker | Reply | WriteStatus | WriteResult | Publish | Log | Count
-          | Notify | QuietDisplay | Finish)
+          | Notify | PinBackend | QuietDisplay | Finish)
 
 
 # Continuations of appends (what to do once a record is durable) ---------------------------
@@ -406,6 +416,12 @@ class RunFacts:
     restarts: int = 0
     result_path: str = ""  # where the shell writes the result (named in run.completed)
     supervisor_pid: int | None = None
+    supervisor_started_wall: float | None = None
+    #: Every backend the run's workers have computed on, the newest last.
+    backends: tuple[str, ...] = ()
+    #: What new workers are asked for: the run's pinned backend, an operator's switch, or
+    #: ``auto`` before the first worker resolved it (the run is then pinned to its pick).
+    backend: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +480,11 @@ _HEALTH_KILL: Mapping[HealthActionKind, tuple[EventKind, KillReason]] = {
 _SEVERITY: Mapping[KillReason, int] = {
     KillReason.GPU_RESET: 5, KillReason.WAL_FAILED: 4, KillReason.XID_RESTART: 3,
     KillReason.THERMAL_EMERGENCY: 2, KillReason.THERMAL_STOP: 1}
+
+#: How a stop reads in ``worker.exited``, by what asked for it.
+_STOP_WORDS = {"operator": "stopped by the operator",
+               "signal SIGINT": "stopped by the operator (SIGINT)",
+               "signal SIGTERM": "stopped by SIGTERM, as at a shutdown: start --boot resumes it"}
 
 _LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
 _RESERVED = frozenset({"event", "level", "ts", "run_id", "component", "epoch"})
@@ -545,6 +566,8 @@ class RunState:
     foreign_dropped: int = 0
     crash_alarm: CrashLoopAlarm | None = None
     preempted: PreemptionNoticed | None = None
+    backends: tuple[str, ...] = ()  # what workers have computed on, the newest last
+    backend: str = "auto"  # what new workers are asked for
     mono: float = 0.0
     wall: float | None = None
     next_status: float = 0.0
@@ -576,7 +599,8 @@ class RunController:
             workers={wid: WorkerSlot(wid, gpu_index=int(config["gpu_index"]),
                                      policy=RestartPolicy(self._restart_settings, self._rng))
                      for wid in worker_ids},
-            crash_alarm=CrashLoopAlarm(window=self._restart_settings.restart_window))
+            crash_alarm=CrashLoopAlarm(window=self._restart_settings.restart_window),
+            backends=facts.backends, backend=facts.backend)
         self._out: list[Effect] = []
 
     # The one entry point ------------------------------------------------------------------
@@ -747,6 +771,23 @@ class RunController:
         slot.backend, slot.device = msg.backend, msg.device
         self._emit(LoadCheckpoint(slot.id, slot.epoch))
 
+    def _pin(self, slot: WorkerSlot) -> None:
+        """A worker computes on a backend the run has not used last: the first worker
+        resolving ``auto``, or an operator's switch. The run is pinned to it from now on,
+        durably, and the result's provenance will list it."""
+        backend = str(slot.backend)
+        if backend not in PINNABLE or self.run.backends[-1:] == (backend,):
+            return
+        was = self.run.backends[-1] if self.run.backends else None
+        self.run.backends = (*self.run.backends, backend)
+        self.run.backend = backend
+        why = f"switched from {was} to {backend}" if was else \
+            f"backend {self.config['backend']} resolved to {backend} at the first start"
+        self._append(Event(EventKind.BACKEND, why, epoch=slot.epoch,
+                           fields={"backend": backend, "was": was}))
+        self._emit(PinBackend(backend))
+        self._log("info", "run.backend_pinned", backend=backend, was=was, epoch=slot.epoch)
+
     def _on_checkpoint_loaded(self, event: CheckpointLoaded) -> None:
         slot = self.run.workers[event.worker]
         if slot.epoch != event.epoch or slot.state is not WorkerState.STARTING:
@@ -759,7 +800,9 @@ class RunController:
             return
         settings = self.config.role(Role.WORKER)
         settings.pop("backend", None)  # the worker learns its backend from its environment
-        settings["provenance"] = {"epochs": slot.epoch, "restarts": self.run.restarts}
+        self._pin(slot)
+        settings["provenance"] = {"epochs": slot.epoch, "restarts": self.run.restarts,
+                                  "backends": list(self.run.backends)}
         self._send(slot, m.Welcome(epoch=slot.epoch, run_id=self.run.run_id,
                                    spec=dict(self.run.spec), settings=settings,
                                    resume=event.resume))
@@ -838,7 +881,7 @@ class RunController:
         then = event.then
         if isinstance(then, _SpawnAfterEpoch):
             slot = self.run.workers[then.worker]
-            self._emit(Spawn(slot.id, then.epoch, str(self.config["backend"]),
+            self._emit(Spawn(slot.id, then.epoch, self.run.backend,
                              str(self.run.spec["job"]), slot.gpu_index))
         elif isinstance(then, _CheckpointDurable):
             self.run.durable = Durable(then.ckpt_seq, then.units_done, event.t_wall)
@@ -1146,9 +1189,12 @@ class RunController:
                         fatal=bool(fail and fail.fatal), fail_kind=fail.kind if fail else None,
                         completed=self.run.done_recorded)
         decision = slot.policy.decide(now, info)
+        reason = decision.reason
+        if decision.exit_class is ExitClass.STOPPED and self.run.stop is not None:
+            reason = _STOP_WORDS.get(self.run.stop.why, f"stopped: {self.run.stop.why}")
         self._log("info", "worker.exited", epoch=slot.epoch, pid=slot.pid, how=view.how,
                   exit_class=decision.exit_class.value, action=decision.action.value,
-                  reason=decision.reason)
+                  reason=reason)
         slot.kill = None
         self._set_state(slot, WorkerState.EXITED)
         if not self.finished:
@@ -1162,7 +1208,9 @@ class RunController:
         elif self.run.stop is not None:
             self._record_stop(self.run.stop.why, self.run.stop.desired)
         elif action is RestartAction.GIVE_UP:
-            self._give_up(decision.reason)
+            fail = slot.last_fail
+            self._give_up(decision.reason + (f"; the last worker said: {fail.kind}: "
+                                             f"{fail.message}" if fail else ""))
         elif action is RestartAction.WAIT_COOLDOWN:
             self._set_state(slot, WorkerState.COOLING)
             self._log("warning", "thermal.cooling", epoch=slot.epoch)
@@ -1310,6 +1358,7 @@ class RunController:
             "state": slot.state.value,
             "outcome": run.outcome.kind if run.outcome else None,
             "supervisor_pid": self.facts.supervisor_pid,
+            "supervisor_started_wall": self.facts.supervisor_started_wall,
             "epoch": run.epoch,
             "worker_pid": slot.pid if slot.state.has_process else None,
             "restarts": run.restarts,

@@ -166,6 +166,19 @@ def record_type(entry: Entry) -> RecordType:
     return entry.type if isinstance(entry, Unknown) else entry.TYPE
 
 
+def describe(entry: Entry) -> str:
+    """An entry in a few words, for the operator: "checkpoint 7 of epoch 2", "event kill"."""
+    if isinstance(entry, CheckpointMeta):
+        return f"checkpoint {entry.ckpt_seq} of epoch {entry.epoch}"
+    if isinstance(entry, Epoch):
+        return f"epoch {entry.epoch} began ({entry.reason.value})"
+    if isinstance(entry, Event):
+        return f"event {entry.kind.value}" + (f" of epoch {entry.epoch}" if entry.epoch else "")
+    if isinstance(entry, Unknown):
+        return f"record of type {entry.type.name.lower()}"
+    return type(entry).__name__.lower()
+
+
 def restarts_of(entry: Entry) -> int:
     """The restart count an entry carries (0 when it carries none)."""
     if isinstance(entry, Epoch | CheckpointMeta):

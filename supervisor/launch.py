@@ -1,7 +1,9 @@
 """Choosing which run ``start`` supervises, and setting it up: lock, log, WAL, GPU health.
 
-    run, config, how = pick_run(state, config, run_id=None, fresh=False, boot=False)
-    code = launch_run(run, config, how=how, quiet=False, sim_gpu=None, salvage=False)
+    plan = pick_run(state, config, run_id=None, fresh=False, boot=False)
+    run = plan.run or plan.create(state)        # a new run, once its spec was checked
+    code = launch_run(run, plan.config, how=plan.how, quiet=False, sim_gpu=None,
+                      salvage=False)
 
 An unfinished run of the same spec is resumed unless ``--fresh``; ``--boot`` resumes
 only runs that were running when the machine went down (never ones an operator stopped).
@@ -10,6 +12,7 @@ only runs that were running when the machine went down (never ones an operator s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import sys
@@ -22,6 +25,7 @@ from nkat.protocol.messages import spec_hash
 from nkat.supervisor import journal
 from nkat.supervisor.config import (
     KEY_BY_NAME,
+    NKAT_JOB,
     PARAM_PREFIX,
     Config,
     ConfigError,
@@ -53,36 +57,83 @@ if TYPE_CHECKING:
 NOTIFY_FLUSH_S = 10.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``start`` will do: ``how`` is ``new`` (``run`` is None until :meth:`create`),
+    ``resume``, ``completed`` (the run of this spec is done: nothing is computed again) or
+    ``none`` (a boot with nothing to resume)."""
+
+    how: str
+    config: Config
+    run: RunDir | None = None
+    run_id: str | None = None
+
+    def create(self, state: Path) -> RunDir:
+        spec = self.config.job_spec()
+        return RunDir.create(state, self.run_id or new_run_id(spec), spec, dict(self.config),
+                             job_env(spec))
+
+
 def pick_run(state: Path, config: Config, *, run_id: str | None, fresh: bool,
-             boot: bool) -> tuple[RunDir | None, Config, str]:
-    """The run to supervise, the config it runs with, and "new" or "resume"."""
+             boot: bool) -> Plan:
+    """The run to supervise and the config it runs with; a new one is only planned (the
+    caller creates it once the spec has been checked)."""
     spec = config.job_spec()
     if boot:
         interrupted = [r for r in list_runs(state)
                        if run_state_from_disk(r) == "interrupted" and not r.holder_pid()]
         if not interrupted:
-            return None, config, "none"
+            return Plan("none", config)
         run = interrupted[-1]
-        return run, _resumed_config(run, config), "resume"
+        return Plan("resume", _resumed_config(run, config), run)
     if run_id:
         if (state / "runs" / run_id / "run.toml").exists():
             if fresh:
                 raise ConfigError(f"--fresh with --run-id {run_id}: that run already exists")
             run = RunDir.open(state, run_id)
             _check_same_spec(run, config)
-            return run, _resumed_config(run, config), "resume"
-        return RunDir.create(state, run_id, spec, dict(config)), config, "new"
+            return Plan("resume", _resumed_config(run, config), run)
+        return Plan("new", config, run_id=run_id)
     if not fresh:
         wanted = spec_hash(spec)
         for run in reversed(list_runs(state)):
-            if run.info.spec_hash != wanted or run_state_from_disk(run) == "completed":
+            if run.info.spec_hash != wanted:
                 continue
+            if run_state_from_disk(run) == "completed":
+                # This spec's newest run is done: say so rather than compute it again.
+                return Plan("completed", _resumed_config(run, config), run)
             holder = run.holder_pid()
             if holder:
                 # Starting the same spec again is almost always a mistake: say so.
                 raise RunLocked(run.run_id, holder)
-            return run, _resumed_config(run, config), "resume"
-    return RunDir.create(state, new_run_id(spec), spec, dict(config)), config, "new"
+            return Plan("resume", _resumed_config(run, config), run)
+    return Plan("new", config)
+
+
+def check_gpu_free(state: Path, config: Config) -> None:
+    """ConfigError when a live run of this state dir already computes on the GPU this one
+    would use (two runs on one GPU slow each other and can run out of its memory)."""
+    if config["backend"] == "numpy":
+        return
+    for run in list_runs(state):
+        other = run.info.config
+        pid = run.holder_pid()
+        if pid and other.get("gpu_index", 0) == config["gpu_index"] \
+                and other.get("backend") != "numpy":
+            raise ConfigError(
+                f"run {run.run_id} (supervisor pid {pid}) already computes on GPU "
+                f"{config['gpu_index']}; two runs on one GPU slow each other down and may run "
+                "out of memory. Use another GPU (--set gpu_index=N), stop that run first, or "
+                "pass --share-gpu to run both anyway")
+
+
+def job_env(spec: dict[str, Any]) -> dict[str, str]:
+    """What a custom job's import needs, recorded with the run so that a resume from
+    anywhere (systemd at boot starts in / with no PYTHONPATH) imports it as this start did:
+    the PYTHONPATH and the working directory. The built-in job needs neither."""
+    if spec.get("job") == NKAT_JOB:
+        return {}
+    return {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "cwd": os.getcwd()}
 
 
 def _check_same_spec(run: RunDir, config: Config) -> None:
@@ -179,7 +230,8 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     if history.done is not None:
         if run.read_result() is None:
             run.write_result(history.done.result)
-        say(f"run {run.run_id} already completed: {run.result_file}")
+        say(f"run {run.run_id} already completed: {run.result_file} "
+            "(start --fresh computes it again)")
         return ExitCode.COMPLETED
     infos = wal.checkpoints()
     latest = infos[-1] if infos else None
@@ -199,7 +251,8 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     durable = Durable(latest.ckpt_seq, latest.units_done, latest.t_wall) if latest else Durable()
     facts = RunFacts(run.run_id, run.info.spec, epoch=history.epoch, durable=durable,
                      restarts=history.restarts, result_path=str(run.result_file),
-                     supervisor_pid=os.getpid())
+                     supervisor_pid=os.getpid(), supervisor_started_wall=time.time(),
+                     backends=run.info.backends, backend=_backend(run, config))
     controller = RunController(config, facts, gpus=probe.gpus if probe else (),
                                rng=random.Random())
     shell = Shell(run, wal, log, controller, probe=probe, metrics=metrics,
@@ -264,7 +317,21 @@ def _say_resumed(run: RunDir, history: History, latest: CheckpointInfo | None, l
             f"resuming from {where}")
         log.warning("run.recovered_unclean", ckpt_seq=ckpt_seq,
                     units_done=latest.units_done if latest else 0,
-                    last_record=journal.record_type(last).value)
+                    last_record=journal.describe(last))
+
+
+def _backend(run: RunDir, config: Config) -> str:
+    """What the run's workers are asked to compute on: the backend the run is pinned to,
+    unless this start names another (--backend, or --set backend=), which switches it
+    (said here, even with --quiet; recorded once a worker computes on it)."""
+    pinned = run.info.backends[-1] if run.info.backends else "auto"
+    if config.source("backend") in ("default", "run.toml"):
+        return pinned
+    asked = str(config["backend"])
+    if pinned != "auto" and asked not in ("auto", pinned):
+        print(f"nkat-supervise: run {run.run_id}: switching its backend from {pinned} to "
+              f"{asked}, as asked; the result's provenance will list both", file=sys.stderr)
+    return pinned if asked == "auto" else asked
 
 
 def _remote_watchers(config: Config, log: Any) -> tuple[Notifier | None,

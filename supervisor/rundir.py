@@ -12,6 +12,7 @@ Files are written with fsync and atomic renames; the directory is private (0700)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -20,7 +21,7 @@ import re
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,11 @@ class RunInfo:
     spec: dict[str, Any]
     spec_hash: str
     config: dict[str, Any]
+    #: Every array backend the run has computed on, the one it is pinned to last.
+    backends: tuple[str, ...] = ()
+    #: What a custom job's import needs, as the first start saw it: ``PYTHONPATH`` and
+    #: ``cwd`` (a boot, from systemd, has neither).
+    job_env: dict[str, str] = field(default_factory=dict)
 
 
 class RunDir:
@@ -169,7 +175,7 @@ class RunDir:
     # Life -------------------------------------------------------------------------------
     @classmethod
     def create(cls, state: Path, run_id: str, spec: Mapping[str, Any],
-               config: Mapping[str, Any]) -> RunDir:
+               config: Mapping[str, Any], job_env: Mapping[str, str] | None = None) -> RunDir:
         validate_run_id(run_id)
         runs = state / "runs"
         runs.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -181,12 +187,10 @@ class RunDir:
             raise RunDirError(f"run {run_id} already exists in {runs}") from None
         os.chmod(path, 0o700)
         info = RunInfo(run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"), dict(spec),
-                       spec_hash(spec), dict(config))
-        body = {"run_id": info.run_id, "created": info.created, "spec_hash": info.spec_hash,
-                "spec": _toml_safe(info.spec), "config": _toml_safe(info.config)}
-        atomic_write(path / "run.toml", tomli_w.dumps(body).encode(), mode=0o600)
-        fsync_dir(runs)
+                       spec_hash(spec), dict(config), job_env=dict(job_env or {}))
         run = cls(path, info)
+        run._write_info()
+        fsync_dir(runs)
         run._make_subdirs()
         return run
 
@@ -198,7 +202,8 @@ class RunDir:
         try:
             data = tomllib.loads(toml_path.read_text())
             info = RunInfo(data["run_id"], data["created"], data["spec"], data["spec_hash"],
-                           data.get("config", {}))
+                           data.get("config", {}), tuple(data.get("backends", ())),
+                           dict(data.get("job_env", {})))
         except FileNotFoundError:
             raise RunDirError(f"no run {run_id!r} in {state / 'runs'}") from None
         except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
@@ -206,6 +211,23 @@ class RunDir:
         run = cls(path, info)
         run._make_subdirs()
         return run
+
+    def pin_backend(self, backend: str) -> None:
+        """Record the array backend the run computes on from now on (its first start
+        resolved ``auto``, or an operator switched): run.toml says it, durably, and keeps
+        every backend the run has used."""
+        used = self.info.backends if self.info.backends[-1:] == (backend,) \
+            else (*self.info.backends, backend)
+        self.info = dataclasses.replace(self.info, config={**self.info.config,
+                                                           "backend": backend}, backends=used)
+        self._write_info()
+
+    def _write_info(self) -> None:
+        info = self.info
+        body = {"run_id": info.run_id, "created": info.created, "spec_hash": info.spec_hash,
+                "spec": _toml_safe(info.spec), "config": _toml_safe(info.config),
+                "backends": list(info.backends), "job_env": info.job_env}
+        atomic_write(self.path / "run.toml", tomli_w.dumps(body).encode(), mode=0o600)
 
     def _make_subdirs(self) -> None:
         for sub in ("wal", "blobs", "sock", "logs", "results"):

@@ -7,42 +7,63 @@ stdout/stderr on pipes the supervisor's poll loop reads line by line.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO
 
 import psutil
+
+#: How long the job's own check of a spec may take (it imports the job, e.g. NumPy).
+CHECK_TIMEOUT_S = 60.0
+
+
+def check_job_spec(spec: dict[str, object]) -> str | None:
+    """Ask the job itself, in a worker process, whether it accepts ``spec``: None if it
+    does, else its message (an unknown job, a module that does not import, a bad param)."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "nkat.worker", "--check-spec"],
+                              input=json.dumps(spec), capture_output=True, text=True,
+                              timeout=CHECK_TIMEOUT_S, env=worker_env())
+    except subprocess.TimeoutExpired:
+        return f"the job did not answer within {CHECK_TIMEOUT_S:g} s while checking its spec"
+    if done.returncode == 0:
+        return None
+    return done.stderr.strip() or f"the job's check exited {done.returncode}"
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment a worker (or a job check) runs in: ours, unbuffered."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
 
 
 class WorkerProcess:
     """One worker incarnation (epoch)."""
 
     def __init__(self, epoch: int, endpoint: str, backend: str, job: str,
-                 gpu_index: int = 0) -> None:
+                 gpu_index: int = 0, job_env: Mapping[str, str] | None = None) -> None:
         self.epoch = epoch
         self.token = secrets.token_hex(16)
-        env = dict(os.environ)
-        env.update({
-            "NKAT_ENDPOINT": endpoint,
-            "NKAT_TOKEN": self.token,
-            "NKAT_EPOCH": str(epoch),
-            "NKAT_SUPERVISOR_PID": str(os.getpid()),
-            "NKAT_BACKEND": backend,
-            "NKAT_JOB": job,
-            "PYTHONUNBUFFERED": "1",
-        })
+        env = worker_env(NKAT_ENDPOINT=endpoint, NKAT_TOKEN=self.token,
+                         NKAT_EPOCH=str(epoch), NKAT_SUPERVISOR_PID=str(os.getpid()),
+                         NKAT_BACKEND=backend, NKAT_JOB=job)
         if "CUDA_VISIBLE_DEVICES" not in env:
             # CUDA numbers devices fastest-first, NVML by PCI bus: make them agree, so the
             # GPU the sensor watches is the one the worker computes on.
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
+        cwd = None
+        if job_env:  # what a custom job's import needs, recorded at the run's first start
+            cwd = job_env.get("cwd") if os.path.isdir(job_env.get("cwd", "")) else None
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (job_env.get("PYTHONPATH", ""), job_env.get("cwd", "")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nkat.worker"],
+            [sys.executable, "-m", "nkat.worker"], cwd=cwd,
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, close_fds=True,
         )

@@ -232,6 +232,8 @@ class Shell:
         elif isinstance(effect, c.Notify) and self.notifier is not None:
             self.notifier.submit(NotifyEvent(effect.kind, self.run_dir.run_id, effect.fields,
                                              self.wall()))
+        elif isinstance(effect, c.PinBackend):
+            self.run_dir.pin_backend(effect.backend)
         elif isinstance(effect, c.QuietDisplay):
             self.on_status = None
         elif isinstance(effect, c.Finish):
@@ -263,8 +265,9 @@ class Shell:
 
     def _spawn(self, effect: c.Spawn) -> c.Input:
         try:
-            worker = WorkerProcess(effect.epoch, self.run_dir.endpoint("worker"),
-                                   effect.backend, job=effect.job, gpu_index=effect.gpu_index)
+            worker = WorkerProcess(effect.epoch, self.run_dir.endpoint("worker"), effect.backend,
+                                   job=effect.job, gpu_index=effect.gpu_index,
+                                   job_env=self.run_dir.info.job_env)
         except OSError as exc:
             return c.SpawnFailed(effect.worker, effect.epoch, str(exc), self.clock())
         self.workers[effect.worker] = worker

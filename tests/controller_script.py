@@ -77,6 +77,8 @@ class Script:
         self.statuses: list[dict[str, Any]] = []
         self.results: list[Any] = []
         self.notified: list[c.Notify] = []
+        self.spawns: list[c.Spawn] = []
+        self.pinned: list[str] = []
         self.finish: c.Finish | None = None
         self.workers: dict[str, FakeWorker] = {}
         self.history: list[FakeWorker] = []
@@ -221,7 +223,10 @@ class Script:
             self._worker_reacts(effect.worker, effect.msg)
         elif isinstance(effect, c.SignalWorker):
             self._signal(effect.worker, effect.signal)
+        elif isinstance(effect, c.PinBackend):
+            self.pinned.append(effect.backend)
         elif isinstance(effect, c.Spawn):
+            self.spawns.append(effect)
             if self.spawn_error:
                 return c.SpawnFailed(effect.worker, effect.epoch, self.spawn_error, self.now)
             self._pid += 1

@@ -21,7 +21,7 @@ def test_a_worker_is_spawned_welcomed_and_resumes_from_the_newest_checkpoint():
     (welcome,) = s.messages(m.Welcome)
     assert welcome.resume is None and welcome.spec == s.facts.spec
     assert "backend" not in welcome.settings and welcome.settings["provenance"] == {
-        "epochs": 1, "restarts": 0}
+        "epochs": 1, "restarts": 0, "backends": ["numpy"]}
     assert s.state == "running"
     s.ckpt(1, units_done=10, state=b"one")
     assert [a.ckpt_seq for a in s.messages(m.Ack)] == [1]
@@ -50,7 +50,7 @@ def test_hang_with_gil_held_is_unresponsive_dumped_and_killed():
     s.advance(1.0)
     assert s.history[0].signals == ["SIGUSR1", "SIGTERM"]
     s.tick()  # the next turn reaps it
-    assert s.kinds()[:2] == ["kill", "restart_scheduled"]
+    assert s.kinds()[:3] == ["backend", "kill", "restart_scheduled"]
     (exited,) = s.events("worker.exited")
     assert exited["exit_class"] == "hung" and exited["action"] == "restart"
     s.advance(0.5)

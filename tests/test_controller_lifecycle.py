@@ -251,7 +251,7 @@ def test_status_over_control_says_what_the_run_is_doing():
 
 # WAL failure -------------------------------------------------------------------------------
 def test_a_failed_checkpoint_write_is_never_acked_and_the_run_exits_3():
-    s = Script(fail_appends_after=2)  # the epoch record and one checkpoint go through
+    s = Script(fail_appends_after=3)  # the epoch record, the backend pin, one checkpoint
     s.run_worker()
     s.ckpt(1, units_done=10)
     s.ckpt(2, units_done=20)
@@ -299,3 +299,51 @@ def test_a_resumed_run_continues_its_epochs_and_restart_count():
     assert s.of_type(journal.Epoch)[0].epoch == 8
     assert s.of_type(journal.Epoch)[0].reason is journal.SpawnReason.RESUME
     assert s.ctl.status()["restarts"] == 2
+
+
+# The backend a run computes on ------------------------------------------------------------
+def test_the_first_worker_resolves_auto_and_the_run_is_pinned_to_it():
+    s = Script()  # backend auto
+    s.start()
+    s.hello(backend="numpy")
+    (event,) = [r for r in s.records if isinstance(r, journal.Event)
+                and r.kind is journal.EventKind.BACKEND]
+    assert event.fields == {"backend": "numpy", "was": None}
+    assert s.pinned == ["numpy"] and s.events("run.backend_pinned")
+    assert s.messages(m.Welcome)[0].settings["provenance"]["backends"] == ["numpy"]
+    s.exit(-9)
+    s.tick()
+    s.advance(0.5)
+    s.hello(backend="numpy")
+    # The next worker is asked for what the run is pinned to, not for auto; pinned once.
+    assert [e.backend for e in s.spawns] == ["auto", "numpy"]
+    assert s.pinned == ["numpy"]
+
+
+def test_a_pinned_run_that_cannot_get_its_backend_gives_up_saying_why():
+    s = Script(facts=c.RunFacts("r1", {"job": "x", "params": {}}, backends=("cupy",),
+                                backend="cupy"), max_restarts=1)
+    for _ in range(2):
+        s.start() if s.worker is None else None
+        s.hello(backend="none")
+        s.fail(kind="backend_unavailable")
+        s.exit(exitcodes.BACKEND_UNAVAILABLE)
+        s.tick()
+        s.advance(0.5)
+    assert s.finish.code is ExitCode.GAVE_UP
+    assert "backend_unavailable" in s.finish.reason and "crash loop" in s.finish.reason
+    assert {e.backend for e in s.spawns} == {"cupy"}
+    assert not any(isinstance(r, journal.Event) and r.kind is journal.EventKind.BACKEND
+                   for r in s.records)
+
+
+def test_an_operators_switch_is_recorded_once_a_worker_computes_on_it():
+    s = Script(facts=c.RunFacts("r1", {"job": "x", "params": {}}, backends=("cupy",),
+                                backend="numpy"))
+    s.start()
+    assert s.spawns[0].backend == "numpy"
+    s.hello(backend="numpy")
+    (event,) = [r for r in s.records if isinstance(r, journal.Event)
+                and r.kind is journal.EventKind.BACKEND]
+    assert event.fields == {"backend": "numpy", "was": "cupy"}
+    assert s.messages(m.Welcome)[0].settings["provenance"]["backends"] == ["cupy", "numpy"]

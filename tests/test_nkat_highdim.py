@@ -331,7 +331,7 @@ def test_result_has_the_seeds_keys_and_is_plain_json():
     assert set(tv["convergence_pattern"]) == {"peak_dimension", "peak_value",
                                               "theoretical_peak", "peak_accuracy"}
     assert set(tv["scaling_behavior"]) == {"high_dimension_stability", "maintains_convergence"}
-    assert r["provenance"] == {"backend": "numpy", "device": "cpu",
+    assert r["provenance"] == {"backend": "numpy", "backends": ["numpy"], "device": "cpu",
                                "precision_mode": "balanced", "spec_hash": "f00d",
                                "epochs": 2, "restarts": 1}
     assert r["performance"]["total_gpu_time"] == 1.5

@@ -133,12 +133,13 @@ def test_environment_contract():
         read_env({"NKAT_BACKEND": "tpu"})
 
 
-def test_set_values_are_json_literals_where_they_parse():
+def test_set_values_are_read_as_the_supervisor_reads_them():
     runtime, params = parse_sets(["batch_size=8", "max_dimension=1000", "ratio=0.5",
-                                  "fast=true", "mode=speed", "list=[1,2]", "empty="])
-    assert runtime == {"batch_size": 8}
+                                  "fast=yes", "mode=speed", "list=[1,2]", "empty=",
+                                  "cpu_threads=2"])
+    assert runtime == {"batch_size": 8, "cpu_threads": 2}
     assert params == {"max_dimension": 1000, "ratio": 0.5, "fast": True, "mode": "speed",
-                      "list": [1, 2], "empty": ""}
+                      "list": [1, 2], "empty": None}
     with pytest.raises(UsageError, match="KEY=VALUE"):
         parse_sets(["novalue"])
 

@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, help="array backend (default auto)")
     parser.add_argument("--out", type=Path, metavar="FILE",
                         help="write the result JSON here instead of stdout")
+    parser.add_argument("--check-spec", action="store_true",
+                        help="read a run's spec (JSON {job, params}) on stdin and check it "
+                             "the way a worker would: exit 0, or 2 with the job's own message")
     args = parser.parse_args(argv)
+    if args.check_spec:
+        return standalone.check_spec(sys.stdin.read())
     if args.merge_shards:
         if args.standalone or args.job or args.sets or args.backend or args.out:
             parser.error("--merge-shards takes no other option: the spec comes with the "

@@ -100,6 +100,9 @@ class RunContext:
     peak_memory_bytes: int
     spec_hash: str
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Every backend the run has computed on, this one last (a run is pinned to one
+    #: backend; an operator's switch adds the next).
+    backends: tuple[str, ...] = ()
 
 
 class Job(abc.ABC):

@@ -271,7 +271,9 @@ class Runner:
         self._publish(stage="finalize")
         self.link.extend(FINALIZE_EXTEND_S, "finalize")
         provenance = self.settings.provenance
+        used = tuple(provenance.get("backends", ()))
         context = RunContext(
+            backends=used if used[-1:] == (self.backend.name,) else (*used, self.backend.name),
             backend=self.backend.name, device=self.backend.device,
             epochs=provenance["epochs"], restarts=provenance["restarts"],
             compute_seconds=self.counters["compute_seconds"],

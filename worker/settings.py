@@ -2,7 +2,8 @@
 
 Parsed once into a frozen :class:`Settings`. Keys the worker does not use are ignored
 (the supervisor's config has many); a known key of the wrong type or range is an error
-that names the key.
+that names the key. The keys, defaults and ranges are declared once, in
+``nkat.protocol.settings.WorkerSettings``.
 """
 
 from __future__ import annotations
@@ -12,29 +13,21 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from nkat.protocol.settings import SettingError, WorkerSettings, build
+
 
 class SettingsError(ValueError):
     """A setting has the wrong type or is out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    checkpoint_interval: float = 30.0
-    #: Units per batch to start with; 0 = the job's ``default_batch_units``.
-    batch_size: int = 0
-    batch_size_adaptive: bool = True
-    #: zlib-compress the job snapshot inside each checkpoint state.
-    checkpoint_compression: bool = False
-    #: MB; 0 = no limit. Only the CuPy pool can be limited.
-    memory_limit: float = 0.0
-    memory_reserve: float = 0.0
-    heartbeat_interval: float = 1.0
-    supervisor_timeout: float = 60.0
-    ack_resend: float = 5.0
-    provenance: Mapping[str, int] = dataclasses.field(
-        default_factory=lambda: {"epochs": 1, "restarts": 0})
-    #: Threads a CPU batch may use; 0 = every core this process may run on.
-    cpu_threads: int = 0
+class Settings(WorkerSettings):
+    """The declared worker settings (``nkat.protocol.settings.WorkerSettings``: defaults,
+    ranges and help in one place, read by the supervisor's config too), plus what the
+    supervisor sets per epoch."""
+
+    provenance: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"epochs": 1, "restarts": 0, "backends": []})
     #: Units [first, stop) this worker computes (a shard); None = the whole job.
     unit_range: tuple[int, int] | None = None
 
@@ -48,34 +41,15 @@ class Settings:
             return max(1, os.cpu_count() or 1)
 
 
-_POSITIVE = ("checkpoint_interval", "heartbeat_interval", "supervisor_timeout", "ack_resend")
-_NON_NEGATIVE = ("memory_limit", "memory_reserve")
-
-
 def parse_settings(raw: Mapping[str, Any]) -> Settings:
     """Build Settings from a ``welcome.settings`` map (or standalone ``--set`` keys)."""
-    values: dict[str, Any] = {}
-    for key in _POSITIVE + _NON_NEGATIVE:
-        if key in raw:
-            value = raw[key]
-            if not _is_number(value) or value < 0 or (key in _POSITIVE and value == 0):
-                bound = "> 0" if key in _POSITIVE else ">= 0"
-                raise SettingsError(f"setting {key}: expected a number {bound}, got {value!r}")
-            values[key] = float(value)
-    for key in ("batch_size", "cpu_threads"):
-        if key in raw:
-            value = raw[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SettingsError(f"setting {key}: expected an integer >= 0, got {value!r}")
-            values[key] = value
+    try:
+        declared = build(WorkerSettings, raw)
+    except SettingError as exc:
+        raise SettingsError(f"setting {exc}") from None
+    values = {f.name: getattr(declared, f.name) for f in dataclasses.fields(WorkerSettings)}
     if raw.get("unit_range") is not None:
         values["unit_range"] = _parse_unit_range(raw["unit_range"])
-    for key in ("batch_size_adaptive", "checkpoint_compression"):
-        if key in raw:
-            value = raw[key]
-            if not isinstance(value, bool):
-                raise SettingsError(f"setting {key}: expected a bool, got {value!r}")
-            values[key] = value
     if "provenance" in raw:
         values["provenance"] = _parse_provenance(raw["provenance"])
     return Settings(**values)
@@ -90,19 +64,20 @@ def _parse_unit_range(value: Any) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _parse_provenance(value: Any) -> dict[str, int]:
+def _parse_provenance(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise SettingsError(f"setting provenance: expected a map, got {value!r}")
-    result = {"epochs": 1, "restarts": 0}
-    for key in result:
+    result: dict[str, Any] = {"epochs": 1, "restarts": 0}
+    for key in ("epochs", "restarts"):
         if key in value:
             count = value[key]
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise SettingsError(f"setting provenance.{key}: expected an integer >= 0, "
                                     f"got {count!r}")
             result[key] = count
+    backends = value.get("backends", [])
+    if not isinstance(backends, list) or not all(isinstance(b, str) for b in backends):
+        raise SettingsError(f"setting provenance.backends: expected a list of names, got "
+                            f"{backends!r}")
+    result["backends"] = list(backends)
     return result
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

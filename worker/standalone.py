@@ -18,6 +18,13 @@ from typing import Any
 
 from nkat.protocol import exitcodes
 from nkat.protocol.messages import Message, canonical_json, spec_hash
+from nkat.protocol.settings import (
+    SettingError,
+    WorkerSettings,
+    keys_of,
+    parse_text,
+    split_assignment,
+)
 from nkat.worker.backend import BackendUnavailable, select_backend
 from nkat.worker.failpoints import ENV as FAILPOINTS_ENV
 from nkat.worker.failpoints import FailpointError, Failpoints
@@ -27,9 +34,9 @@ from nkat.worker.runtime import RunFailed, Runner
 from nkat.worker.settings import SettingsError, parse_settings
 
 USAGE_ERROR = 2
-#: ``--set`` keys that tune the runtime; every other key is a job param.
-RUNTIME_KEYS = frozenset({"batch_size", "batch_size_adaptive", "cpu_threads", "memory_limit",
-                          "memory_reserve", "unit_range"})
+#: ``--set`` keys that tune the runtime (the declared worker settings, and a shard's
+#: range); every other key is a job param.
+RUNTIME_KEYS = frozenset({k.name for k in keys_of(WorkerSettings)} | {"unit_range"})
 #: Failpoints with ``epoch=E`` treat a standalone run as the first epoch.
 STANDALONE_EPOCH = 1
 
@@ -59,21 +66,42 @@ class StderrLink:
 
 
 def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``KEY=VALUE`` pairs -> (runtime settings, job params). A value is a JSON literal
-    where it parses as one (``3``, ``0.5``, ``true``, ``[1,2]``), else a string."""
+    """``KEY=VALUE`` pairs -> (runtime settings, job params), read as the supervisor reads
+    its ``--set`` (``nkat.protocol.settings``): true/false/null words and JSON literals
+    (``3``, ``0.5``, ``[1,2]``) where they parse, else the text."""
     settings: dict[str, Any] = {}
     params: dict[str, Any] = {}
     for item in items:
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        (settings if key in RUNTIME_KEYS else params)[key] = value
+            key, text = split_assignment(item)
+        except SettingError as exc:
+            raise UsageError(str(exc)) from None
+        (settings if key in RUNTIME_KEYS else params)[key] = parse_text(text)
     return settings, params
+
+
+def check_spec(text: str) -> int:
+    """Check a run's spec ({job, params} as JSON) as a worker would, before any run exists:
+    the job must import and accept its params. 0, or 2 with the job's message on stderr."""
+    try:
+        spec = json.loads(text)
+        if not isinstance(spec, dict) or not isinstance(spec.get("job"), str) \
+                or not isinstance(spec.get("params", {}), dict):
+            raise ValueError("expected {\"job\": name, \"params\": {...}}")
+        job_class = resolve_job(spec["job"])
+    except (JobNotFound, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        job_class(spec.get("params", {}))
+    except JobParamsError as exc:
+        print(str(exc), file=sys.stderr)
+        return USAGE_ERROR
+    except Exception as exc:  # noqa: BLE001 - a custom job's own error, said as it is
+        print(f"job {spec['job']!r} refused its params: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return USAGE_ERROR
+    return 0
 
 
 def run(job_name: str, sets: Sequence[str], backend_name: str, out: Path | None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ from typing import Any
 from nkat.supervisor import control
 from nkat.supervisor.config import KEYS, ConfigError, check_wire, load_config
 from nkat.supervisor.exitcode import ExitCode
-from nkat.supervisor.ops import logview, report, service
+from nkat.supervisor.ops import logview, report, runs, service
+from nkat.supervisor.ops.progress import ENDED, status_lines
 from nkat.supervisor.ops.stdout import silence_stdout
 from nkat.supervisor.oslimits import FdLimitError, ensure_nofile
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
@@ -61,13 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "durably, restart it when it crashes, hangs or overheats.",
         epilog="Exit codes: 0 completed, 1 check failed, 2 usage/config error, "
                "3 gave up (resumable), 4 stopped by the operator (resumable).")
+    state_help = ("where runs live (default: $NKAT_STATE_DIR, else "
+                  "$XDG_STATE_HOME/nkat-supervise, else ~/.local/state/nkat-supervise)")
+    # A global option, before or after the command: the command's copy only overrides
+    # the global one when it is given (SUPPRESS leaves no default behind).
+    parser.add_argument("--state-dir", metavar="DIR", help=state_help)
     sub = parser.add_subparsers(metavar="COMMAND")
 
     def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--state-dir", metavar="DIR",
-                       help="where runs live (default: $NKAT_STATE_DIR, else "
-                            "$XDG_STATE_HOME/nkat-supervise, else ~/.local/state/nkat-supervise)")
+        p.add_argument("--state-dir", metavar="DIR", help=state_help,
+                       default=argparse.SUPPRESS)
         p.set_defaults(func=func)
         return p
 
@@ -85,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if the WAL is corrupt, fall back to the newest intact checkpoint")
     p.add_argument("--boot", action="store_true",
                    help="resume only runs that were running when the machine went down")
+    p.add_argument("--share-gpu", action="store_true",
+                   help="start even though another live run computes on the same GPU")
 
     for name, help in (("stop", "stop a running supervisor gracefully (final checkpoint)"),
                        ("pause", "pause the worker (it keeps its GPU state)"),
@@ -101,8 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh every --interval seconds until interrupted")
     p.add_argument("--interval", type=float, default=1.0, metavar="S")
 
-    p = add("runs", cmd_runs, "list runs")
-    p.add_argument("--json", action="store_true", help="print a JSON array")
 
     p = add("checkpoints", cmd_checkpoints, "list a run's retained checkpoints")
     p.add_argument("run", nargs="?")
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     for name, module, help in (
+            ("runs", runs, "list runs; rm removes one, prune removes old finished ones"),
             ("logs", logview, "show a run's JSON log; -f follows it across rotations"),
             ("report", report, "write PNG plots and a summary of a run"),
             ("install-service", service,
@@ -150,15 +157,40 @@ def cmd_start(args: argparse.Namespace) -> int:
     check_wire(config)
     if args.sim_gpu:
         check_profile(args.sim_gpu)  # before any run directory is made
-    run, config, how = pick_run(state, config, run_id=args.run_id, fresh=args.fresh,
-                                boot=args.boot)
-    if run is None:
+    plan = pick_run(state, config, run_id=args.run_id, fresh=args.fresh, boot=args.boot)
+    if plan.how == "none":
         print("nkat-supervise: no run was running when the machine went down; nothing to do")
         return ExitCode.OK
-    if args.detach:
+    if plan.how == "new":
+        from nkat.supervisor.launch import check_gpu_free
+        from nkat.supervisor.spawn import check_job_spec
+
+        problem = check_job_spec(plan.config.job_spec())  # the job's own word, before a run
+        if problem:
+            raise UsageError(f"the job refused this spec: {problem}")
+        if not args.share_gpu:
+            check_gpu_free(state, plan.config)
+    run = plan.run or plan.create(state)
+    if args.detach and plan.how != "completed":
         return _detach(args, run)
-    return launch_run(run, config, how=how, quiet=args.quiet, sim_gpu=args.sim_gpu,
-                      salvage=args.salvage)
+    try:
+        code = launch_run(run, plan.config, how=plan.how, quiet=args.quiet,
+                          sim_gpu=args.sim_gpu, salvage=args.salvage)
+    finally:
+        if plan.how == "new" and not _ever_ran(run):
+            shutil.rmtree(run.path, ignore_errors=True)  # a failed start leaves nothing
+    return code
+
+
+def _ever_ran(run: RunDir) -> bool:
+    """Whether a worker was ever started for the run (its WAL names an epoch)."""
+    from nkat.supervisor.wal import RecordType, WalError
+    from nkat.supervisor.wal.readonly import read_records
+
+    try:
+        return any(r.type is RecordType.EPOCH for r in read_records(run.wal_dir))
+    except (WalError, OSError):
+        return True  # unreadable: keep it for `verify` to look at
 
 
 def _detach(args: argparse.Namespace, run: RunDir) -> int:
@@ -244,38 +276,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             if args.watch and sys.stdout.isatty():
                 print("\x1b[H\x1b[2J", end="")
-            for key in STATUS_FIELDS:
-                value = status.get(key)
-                if key == "progress" and isinstance(value, float):
-                    value = f"{value:.1%}"
-                print(f"{key:>18}: {'-' if value is None else value}", flush=True)
+            for label, value in status_lines(status, time.time()):
+                print(f"{label:>12}: {value}", flush=True)
         if not args.watch:
             return ExitCode.OK
+        if status.get("source") == "disk" and status.get("state") in ENDED:
+            return ENDED[status["state"]]  # the run has ended: so does the watch
         time.sleep(max(0.1, args.interval))
-
-
-STATUS_FIELDS = ("run_id", "state", "source", "epoch", "restarts", "progress", "units_done",
-                 "units_total", "units_per_s", "dims_per_s", "durable_ckpt_seq", "worker_pid")
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    from nkat.supervisor.ops.inspect import run_status
-
-    rows = []
-    for run in list_runs(state_dir(args.state_dir)):
-        st = run_status(run)
-        rows.append({"run_id": run.run_id, "created": run.info.created, "state": st["state"],
-                     "job": run.info.spec.get("job"), "spec_hash": run.info.spec_hash,
-                     "progress": st.get("progress")})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    elif not rows:
-        print("no runs")
-    else:
-        for r in rows:
-            prog = "-" if r["progress"] is None else f"{r['progress']:.1%}"
-            print(f"{r['run_id']:<34} {r['state']:<12} {prog:>7}  {r['job']}")
-    return ExitCode.OK
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:

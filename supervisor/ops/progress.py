@@ -1,6 +1,7 @@
-"""The live progress line of ``start`` in the foreground.
+"""How a run's status reads to a person: the live progress line of ``start`` in the
+foreground, and the lines of ``status``.
 
-On a terminal, one line rewritten in place; otherwise a plain line every
+On a terminal, the progress line is rewritten in place; otherwise a plain line every
 ``plain_every`` seconds, so a log file or CI console gets readable progress.
 """
 
@@ -31,6 +32,49 @@ def format_progress(status: dict[str, Any], now_wall: float) -> str:
     if isinstance(last, (int, float)):
         parts.append(f"ckpt {_duration(max(0.0, now_wall - last))} ago")
     return " | ".join(parts)
+
+
+#: The exit code ``status --watch`` ends with once the run has ended, by its state.
+ENDED = {"completed": 0, "gave_up": 3, "kill_failed": 3, "stopped": 4, "interrupted": 4}
+
+
+def status_lines(status: dict[str, Any], now_wall: float) -> list[tuple[str, str]]:
+    """(label, value) rows for ``status``: numbers rounded for reading, a paused or ended
+    run without a stale rate, ETA, checkpoint age and the supervisor's uptime."""
+    def num(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    state = str(status.get("state"))
+    done, total = status.get("units_done"), status.get("units_total")
+    progress = status.get("progress")
+    rows = [("run", str(status.get("run_id"))), ("state", f"{state} ({status.get('source')})"),
+            ("epoch", str(status.get("epoch"))), ("restarts", str(status.get("restarts", 0)))]
+    units = f"{done:,} of {total:,}" if num(done) and num(total) else "-"
+    rows.append(("progress", (f"{progress:.1%}, " if num(progress) else "") + f"units {units}"))
+    rate = status.get("dims_per_s") or status.get("units_per_s")
+    unit = "dims/s" if status.get("dims_per_s") else "units/s"
+    running = state == "running" and status.get("source") != "disk"
+    if not running:
+        rows.append(("rate", f"- ({state})"))
+    elif num(rate) and rate > 0:
+        rows.append(("rate", f"{_si(float(rate))} {unit}"))
+        units_rate = status.get("units_per_s")
+        if num(done) and num(total) and num(units_rate) and units_rate > 0:
+            rows.append(("ETA", _duration((total - done) / units_rate)))
+    seq, last = status.get("durable_ckpt_seq"), status.get("last_checkpoint_wall")
+    age = f", {_duration(max(0.0, now_wall - last))} ago" if num(last) else ""
+    rows.append(("checkpoint", f"{seq or 'none yet'}{age if seq else ''}"))
+    gpu = status.get("gpu") or {}
+    if num(gpu.get("temperature")):
+        rows.append(("GPU", f"{gpu['temperature']:.0f}°C, {gpu.get('thermal_state')}, duty "
+                            f"{gpu.get('duty')}"))
+    if status.get("worker_pid"):
+        rows.append(("worker pid", str(status["worker_pid"])))
+    pid, started = status.get("supervisor_pid"), status.get("supervisor_started_wall")
+    if pid and status.get("source") != "disk":
+        up = f", up {_duration(max(0.0, now_wall - started))}" if num(started) else ""
+        rows.append(("supervisor", f"pid {pid}{up}"))
+    return rows
 
 
 def _si(x: float) -> str:

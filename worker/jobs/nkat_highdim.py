@@ -78,7 +78,8 @@ theoretical_validation
                           dimensions, N ≥ min + ⌊count/2⌋.
 statistics                σ_S, the minimum and maximum with their N, each half's range,
                           count, mean and σ, and σ_c.
-provenance                backend, device, precision mode, spec hash, epochs, restarts.
+provenance                backend, every backend the run used, device, precision mode,
+                          spec hash, epochs, restarts.
 curve                     {"N": [...], "S": [...]}: S at min(curve_points, count) evenly
                           spaced N (both ends included), as the kernel computed them.
 precision                 mode and dtype; in precision mode also the mpmath check: the
@@ -93,13 +94,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
 import msgpack
 
+from nkat.protocol.settings import NkatParams, SettingError, build
 from nkat.worker.job import Job, JobParamsError, Pending, Ready, RunContext
 from nkat.worker.jobs import nkat_kernels as nk
 from nkat.worker.jobs.fixedpoint import as_fraction, sqrt_fraction
@@ -120,19 +121,9 @@ from nkat.worker.jobs.nkat_sums import (
 )
 from nkat.worker.unitset import UnitSet
 
-MAX_DIMENSION = 10**15
 PRECISION_MODES = {"speed": "float32", "balanced": "float64", "precision": "float64"}
 MPMATH_BITS = 256
 _SNAPSHOT_VERSION = 2
-
-_DEFAULTS: dict[str, Any] = {
-    "min_dimension": 1,
-    "max_dimension": 100_000,
-    "precision_mode": "balanced",
-    "unit_dims": 1 << 16,
-    "curve_points": 512,
-    "mpmath_samples": 64,
-}
 
 #: (unit, first N, length) of a row: part of one unit, within one half, ≤ nk.CHUNK long.
 Piece = tuple[int, int, int]
@@ -185,16 +176,6 @@ class _Moments:
         return None if self.var is None else _finite(sqrt_fraction(self.var))
 
 
-def _int_param(params: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
-    value = params.get(key, _DEFAULTS[key])
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if isinstance(value, float) and value.is_integer():
-        ok, value = True, int(value)
-    if not ok or not lo <= value <= hi:
-        raise JobParamsError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
-
-
 def _fast_throughput(unit_seconds: Any, unit_dims: int) -> float | None:
     """Dims/s of the fastest tenth of this process's batches (see ``UnitTimes``)."""
     if not isinstance(unit_seconds, float) or unit_seconds <= 0:
@@ -218,20 +199,17 @@ class NkatHighDim(Job):
     shardable = True
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        unknown = sorted(set(params) - set(_DEFAULTS))
-        if unknown:
-            raise JobParamsError(f"unknown param {unknown[0]!r}; "
-                                 f"allowed: {', '.join(sorted(_DEFAULTS))}")
-        self.max_n = _int_param(params, "max_dimension", 1, MAX_DIMENSION)
-        self.min_n = _int_param(params, "min_dimension", 1, self.max_n)
-        mode = params.get("precision_mode", _DEFAULTS["precision_mode"])
-        if not isinstance(mode, str) or mode not in PRECISION_MODES:
-            raise JobParamsError(f"precision_mode must be one of "
-                                 f"{', '.join(PRECISION_MODES)}, got {mode!r}")
+        # The params, their defaults and ranges are declared once, on the wire's side
+        # (nkat.protocol.settings.NkatParams), so the supervisor's config says the same.
+        try:
+            p: NkatParams = build(NkatParams, params, strict=True)
+        except SettingError as exc:
+            raise JobParamsError(str(exc)) from None
+        self.max_n, self.min_n = p.max_dimension, p.min_dimension
+        mode = p.precision_mode
         self.mode: str = mode
-        self.unit_dims = _int_param(params, "unit_dims", 1, 1 << 24)
-        self.curve_points = _int_param(params, "curve_points", 2, 1 << 16)
-        self.mpmath_samples = _int_param(params, "mpmath_samples", 1, 4096)
+        self.unit_dims, self.curve_points = p.unit_dims, p.curve_points
+        self.mpmath_samples = p.mpmath_samples
         self.precision = mode == "precision"
         self.dtype = PRECISION_MODES[mode]
         self.shift_bits = SHIFT_BITS[self.dtype]
@@ -485,6 +463,7 @@ class NkatHighDim(Job):
             },
             "provenance": {
                 "backend": context.backend,
+                "backends": list(context.backends or (context.backend,)),
                 "device": context.device,
                 "precision_mode": self.mode,
                 "spec_hash": context.spec_hash,

@@ -7,6 +7,7 @@ a blob without a record is an orphan from a crash and is removed at the next ope
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -55,3 +56,21 @@ def read_blob(io: FileIO, path: Path, size: int, chunk: int, crcs: list[int]) ->
         if want != got:
             raise ValueError(f"blob {path.name} chunk {i} checksum mismatch")
     return data
+
+
+def check_blob(io: FileIO, path: Path, size: int, chunk: int, crcs: list[int]) -> str:
+    """What read_blob checks, a chunk in memory at a time; returns the state's digest
+    (SHA-256, hex, as state_digest) for the caller to compare."""
+    try:
+        actual = io.size(path)
+    except FileNotFoundError:
+        raise BlobMissing(f"blob {path.name} is missing") from None
+    if actual != size:
+        raise ValueError(f"blob {path.name} has {actual} bytes, expected {size}")
+    digest = hashlib.sha256()
+    for i, want in enumerate(crcs):
+        piece = io.read_range(path, i * chunk, chunk)
+        if checksum(piece) != want:
+            raise ValueError(f"blob {path.name} chunk {i} checksum mismatch")
+        digest.update(piece)
+    return digest.hexdigest()

@@ -2,7 +2,7 @@
 
 Each suite lives in ``tools/bench_<suite>.py`` and exposes ``run(args) -> dict`` of
 figures measured in this one run (ratios where the machine's noise matters). Suites:
-wal, nkat, supervisor, gpu, cli.
+wal, nkat, supervisor, gpu, cli, hardening.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-SUITES = ("wal", "nkat", "supervisor", "gpu", "cli")
+SUITES = ("wal", "nkat", "supervisor", "gpu", "cli", "hardening")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
+from .fileio import CHUNK as READ_BYTES
 from .fileio import FileIO
 from .format import BLOB_SUFFIX, TMP_SUFFIX, checksum
 
@@ -68,9 +69,12 @@ def check_blob(io: FileIO, path: Path, size: int, chunk: int, crcs: list[int]) -
     if actual != size:
         raise ValueError(f"blob {path.name} has {actual} bytes, expected {size}")
     digest = hashlib.sha256()
-    for i, want in enumerate(crcs):
-        piece = io.read_range(path, i * chunk, chunk)
-        if checksum(piece) != want:
-            raise ValueError(f"blob {path.name} chunk {i} checksum mismatch")
-        digest.update(piece)
+    per_read = max(1, READ_BYTES // chunk)  # chunks per read: about 1 MiB at a time
+    for first in range(0, len(crcs), per_read):
+        data = io.read_range(path, first * chunk, per_read * chunk)
+        for i, want in enumerate(crcs[first:first + per_read], first):
+            piece = data[(i - first) * chunk:(i - first + 1) * chunk]
+            if checksum(piece) != want:
+                raise ValueError(f"blob {path.name} chunk {i} checksum mismatch")
+        digest.update(data)
     return digest.hexdigest()

@@ -154,7 +154,10 @@ class LogScan:
     roll: SegmentScan | None = None  # a roll stopped before this segment's seal
 
     def path_of(self, segment: int) -> Path:
-        return next(s.path for s in self.segments if s.number == segment)
+        return self.segment(segment).path
+
+    def segment(self, number: int) -> SegmentScan:
+        return next(s for s in self.segments if s.number == number)
 
     @property
     def last_seq(self) -> int:
@@ -388,14 +391,22 @@ def _scan_segment(scan: LogScan, io: FileIO, number: int, path: Path,
     seg = SegmentScan(number, path, header.salt, header.length, content_end=header.length,
                       start=header.length, version=header.version, size=header.size,
                       file_size=src.size, prev_tail=header.prev_tail, identity=header.identity)
-    offset, next_seq = header.length, None
+    start = offset = header.length
+    next_seq = None
     while True:
         reader = FrameReader(src, header.salt, offset, next_seq)
         sealed = False
+        extent: Extent | None = None
         for frame in reader:
-            if frame.offset == header.length and frame.rtype != RecordType.RUN:
-                damage(frame.offset, "segment does not start with a run record", "frame")
-            seg.note_frame(frame.seq, frame.offset, frame.end)
+            if extent is None:
+                if frame.offset == start and frame.rtype != RecordType.RUN:
+                    damage(frame.offset, "segment does not start with a run record", "frame")
+                extent = Extent(frame.offset, frame.end, frame.seq, frame.seq)
+                seg.extents.append(extent)
+                if seg.first_seq is None:
+                    seg.first_seq = frame.seq
+            else:  # the reader checked the seq runs on
+                extent.end, extent.last_seq = frame.end, frame.seq
             scan.records += 1
             try:
                 if frame.rtype == RecordType.RUN:
@@ -410,6 +421,9 @@ def _scan_segment(scan: LogScan, io: FileIO, number: int, path: Path,
             if frame.rtype == RecordType.SEAL:
                 seg.seal_crc, seg.seal_offset, sealed = frame.crc, frame.offset, True
                 break
+        if extent is not None:
+            seg.last_seq, seg.end = extent.last_seq, extent.end
+            seg.content_end = max(seg.content_end, extent.end)
         stop = reader.end
         if sealed:
             # Invariant: nothing is ever written after a seal.
@@ -523,30 +537,43 @@ def segment_records(io: FileIO, seg: SegmentScan) -> Iterator[tuple[Frame, dict[
             raise WalCorrupted(seg.path, reader.end, reader.reason or "records vanished")
 
 
-def read_frame(io: FileIO, path: Path, offset: int) -> Frame:
+def read_frame(io: FileIO, path: Path, offset: int, *, salt: int | None = None,
+               end: int | None = None) -> Frame:
     """The frame at ``offset`` of a segment, checked again (a checkpoint's state is read
-    long after the scan that indexed it). ValueError if it no longer verifies."""
-    fd = io.open(path, os.O_RDONLY)
-    try:
-        salt = SegmentHeader.decode(io.pread(fd, MAX_HEADER_SIZE, 0)).salt
-        header = io.pread(fd, FRAME_HEADER_SIZE, offset)
+    long after the scan that indexed it). With the segment's ``salt`` and the frame's
+    ``end`` from that scan, one read; without, the header is read for the salt. ValueError
+    if it no longer verifies."""
+    if salt is not None and end is not None:
+        data = io.read_range(path, offset, end - offset)
+        header = data[:FRAME_HEADER_SIZE]
         if len(header) < FRAME_HEADER_SIZE:
             raise ValueError("frame beyond the end of the segment")
         crc, length, rtype, frame_salt, seq = FRAME_HEADER.unpack(header)
-        payload = io.pread(fd, length, offset + FRAME_HEADER_SIZE) if length <= MAX_PAYLOAD \
-            else b""
-    finally:
-        io.close(fd)
+        payload = data[FRAME_HEADER_SIZE:FRAME_HEADER_SIZE + length]
+    else:
+        fd = io.open(path, os.O_RDONLY)
+        try:
+            salt = SegmentHeader.decode(io.pread(fd, MAX_HEADER_SIZE, 0)).salt
+            header = io.pread(fd, FRAME_HEADER_SIZE, offset)
+            if len(header) < FRAME_HEADER_SIZE:
+                raise ValueError("frame beyond the end of the segment")
+            crc, length, rtype, frame_salt, seq = FRAME_HEADER.unpack(header)
+            payload = io.pread(fd, length, offset + FRAME_HEADER_SIZE) \
+                if length <= MAX_PAYLOAD else b""
+        finally:
+            io.close(fd)
     if frame_salt != salt or len(payload) != length or frame_crc(header[4:], payload) != crc:
         raise ValueError("frame no longer verifies")
     return Frame(offset, offset + FRAME_HEADER_SIZE + padded(length), rtype, seq, crc, payload)
 
 
-def load_state(io: FileIO, segment: Path, entry: CheckpointEntry, blob_dir: Path) -> bytes:
+def load_state(io: FileIO, segment: Path, entry: CheckpointEntry, blob_dir: Path,
+               salt: int | None = None) -> bytes:
     """A checkpoint's state, checked by frame CRC or blob chunk CRCs, then by digest.
-    ValueError says what does not verify; other I/O errors go to the caller."""
+    ``salt``: its segment's, if known. ValueError says what does not verify; other I/O
+    errors go to the caller."""
     if entry.blob is None:
-        state = _inline_state(io, segment, entry)
+        state = _inline_state(io, segment, entry, salt)
     else:
         state = read_blob(io, blob_dir / entry.blob, entry.size, entry.chunk, entry.crcs)
     if state_digest(state) != entry.meta["digest"]:
@@ -554,18 +581,21 @@ def load_state(io: FileIO, segment: Path, entry: CheckpointEntry, blob_dir: Path
     return state
 
 
-def check_state(io: FileIO, segment: Path, entry: CheckpointEntry, blob_dir: Path) -> None:
+def check_state(io: FileIO, segment: Path, entry: CheckpointEntry, blob_dir: Path,
+                salt: int | None = None) -> None:
     """What load_state checks, holding a chunk of a blob at a time, not the state."""
     if entry.blob is None:
-        digest = state_digest(_inline_state(io, segment, entry))
+        digest = state_digest(_inline_state(io, segment, entry, salt))
     else:
         digest = check_blob(io, blob_dir / entry.blob, entry.size, entry.chunk, entry.crcs)
     if digest != entry.meta["digest"]:
         raise ValueError(f"checkpoint {entry.meta['ckpt_seq']} state digest mismatch")
 
 
-def _inline_state(io: FileIO, segment: Path, entry: CheckpointEntry) -> bytes:
-    frame = read_frame(io, segment, entry.offset)
+def _inline_state(io: FileIO, segment: Path, entry: CheckpointEntry,
+                  salt: int | None) -> bytes:
+    frame = read_frame(io, segment, entry.offset, salt=salt,
+                       end=entry.end if salt is not None else None)
     state = unpack_payload(frame.payload).get("state") if frame.seq == entry.seq else None
     if not isinstance(state, bytes):
         raise ValueError(f"checkpoint record {entry.seq} no longer found")

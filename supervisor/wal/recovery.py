@@ -120,8 +120,9 @@ def assess(io: FileIO, wal_dir: Path, blob_dir: Path, *, backup: int | None = No
             if id(entry) not in window and shard in resume:
                 break  # older than the window and not needed: not read
             if entry.broken is None:
+                seg = scan.segment(entry.segment)
                 try:
-                    check_state(io, scan.path_of(entry.segment), entry, blob_dir)
+                    check_state(io, seg.path, entry, blob_dir, seg.salt)
                 except (BlobMissing, FileNotFoundError):
                     # Present when the blobs were listed: a live writer's retention removed
                     # it since (a log nobody writes to never gets here).
@@ -235,10 +236,11 @@ def recover(io: FileIO, wal_dir: Path, blob_dir: Path, *, salvage: bool, backup:
             report = replace(report, roll_finished=True)
             continue
         if scan.torn is not None:
+            # The scan stays true: only zeros after the end it found.
             broken = repair_torn_tail(io, scan.segments[-1])
+            scan.torn = None
             report = replace(report, torn_tail_repaired=True,
                              broken_copy=report.broken_copy or broken)
-            continue
         if not needed:
             return scan, replace(report, records=scan.records, warnings=report.warnings + tuple(
                 found.describe(d) for d in found.damage)), []

@@ -217,9 +217,10 @@ class Wal:
         return None
 
     def _load(self, entry: CheckpointEntry) -> bytes:
-        path = self._segment_path(entry.segment)
+        seg = next(s for s in self._writer.segments if s.number == entry.segment)
+        path = seg.path
         try:
-            return load_state(self._io, path, entry, self.blob_dir)
+            return load_state(self._io, path, entry, self.blob_dir, seg.salt)
         except ValueError as exc:
             raise WalCorrupted(path, entry.offset, str(exc)) from None
         except OSError as exc:

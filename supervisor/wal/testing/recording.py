@@ -141,7 +141,7 @@ class RecordingIO:
     mutating or syncing operation in ``ops``."""
 
     def __init__(self, image: Image | None = None) -> None:
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._dirs: dict[PurePosixPath, dict[str, int]] = {ROOT: {}}
         self._files: dict[int, bytearray] = {}
         if image is not None:

@@ -221,8 +221,8 @@ def recover(io: FileIO, wal_dir: Path, blob_dir: Path, *, salvage: bool, backup:
             raise WalForeign(path, str(whose), str(found.reference))
         needed = [d for d in found.damage if found.needed(d)]
         if not create and not scan.segments and not needed:
-            needed = [Damage(0, 0, wal_dir, "the log has no segment, but the run has one: "
-                             "its segments were deleted", "missing")]
+            needed = [Damage(0, 0, wal_dir, "the log has no segment, though its run was "
+                             "started before (were its segments deleted?)", "missing")]
             if salvage:
                 report = replace(report, salvaged=True, problem=str(needed[0]))
                 create, needed = True, []

@@ -4,9 +4,15 @@
     state = state_dir(None)                      # $NKAT_STATE_DIR, XDG, ~/.local/state/...
     run = RunDir.create(state, run_id, spec, config)   # or RunDir.open(state, run_id)
     with run.lock():                             # RunLocked names the holder's pid
-        run.write_status({...})                  # atomic replace
+        run.removed_temp_files                   # what a crash had left, removed
+        run.write_status({...})                  # atomic, durable replace
+    stored = run.read_status_file()              # .data None: absent, empty or torn;
+                                                 # .problem says which, for the operator
 
-Files are written with fsync and atomic renames; the directory is private (0700).
+Files are written to a temporary sibling, fsynced, renamed and the directory fsynced:
+after a power cut a reader finds the old file or the new one, whole. A temporary file
+a crash left behind is removed when the run is locked (nothing else writes there).
+The directory is private (0700).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import tomli_w
 from nkat.protocol.messages import spec_hash
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # whole names only: fullmatch
+#: The temporary siblings atomic_write makes: ``.<name>.<pid>.tmp``.
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
 
 
 class RunDirError(RuntimeError):
@@ -91,10 +99,10 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
     """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory.
 
-    ``durable=False`` skips both fsyncs: still atomic (a reader sees the old or the new
-    file), for advisory files rewritten every second that must not compete with the WAL.
+    ``durable=False`` skips both fsyncs: atomic while the machine stays up (a reader sees
+    the old or the new file), but a power cut may leave the new name on an empty file.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
@@ -111,6 +119,38 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary sibling atomic_write writes ``path`` through."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A JSON file as read: ``data`` is None when it is absent, empty, torn or not an
+    object, and ``problem`` then says which of the last three (None if absent or fine),
+    for a reader to show: "status.json is empty (a power cut before it was synced?);
+    ignored"."""
+
+    data: dict[str, Any] | None
+    problem: str | None = None
+
+
+def read_json_file(path: Path) -> Stored:
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return Stored(None)
+    if not text.strip():
+        return Stored(None, f"{path.name} is empty (a crash before it was synced?); ignored")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return Stored(None, f"{path.name} is torn or not JSON ({exc}); ignored")
+    if not isinstance(data, dict):
+        return Stored(None, f"{path.name} does not hold a JSON object; ignored")
+    return Stored(data)
 
 
 @dataclass(frozen=True)
@@ -135,6 +175,8 @@ class RunDir:
     def __init__(self, path: Path, info: RunInfo) -> None:
         self.path = path
         self.info = info
+        #: Temporary files a crash had left, removed when the run was last locked.
+        self.removed_temp_files: list[Path] = []
 
     # Layout ---------------------------------------------------------------------------
     @property
@@ -252,6 +294,7 @@ class RunDir:
                     time.sleep(0.02)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.removed_temp_files = self.remove_temp_files()
             yield
         finally:
             os.close(fd)  # releases the flock
@@ -274,27 +317,47 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def remove_temp_files(self) -> list[Path]:
+        """Remove the temporary files of atomic writes a crash interrupted (run.toml,
+        status.json, result.json), in the run directory and results/. Only for the
+        holder of the lock: nothing else writes there then."""
+        removed = []
+        for directory in (self.path, self.path / "results"):
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if TEMP_RE.match(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(directory / name)
+                        removed.append(directory / name)
+        return removed
+
     def write_status(self, status: Mapping[str, Any]) -> None:
-        atomic_write(self.status_file, json.dumps(status, sort_keys=True, indent=1).encode(),
-                     durable=False)
+        """Replace status.json atomically and durably: two fsyncs, once a second at most
+        from the run loop, so that a power cut leaves the last account whole."""
+        atomic_write(self.status_file, json.dumps(status, sort_keys=True, indent=1).encode())
+
+    def read_status_file(self) -> Stored:
+        return read_json_file(self.status_file)
 
     def read_status(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.status_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        """status.json, or None when it is absent, empty or torn (read_status_file says
+        which)."""
+        return self.read_status_file().data
 
     def write_result(self, result: Mapping[str, Any]) -> None:
         text = json.dumps(result, sort_keys=True, indent=2) + "\n"
         atomic_write(self.result_file, text.encode(), mode=0o644)
 
+    def read_result_file(self) -> Stored:
+        return read_json_file(self.result_file)
+
     def read_result(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.result_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        """result.json, or None when it is absent, empty or torn (read_result_file says
+        which)."""
+        return self.read_result_file().data
 
 
 def list_runs(state: Path) -> list[RunDir]:

@@ -1,4 +1,5 @@
-"""Run directory faults: bad run ids, a second supervisor on the same run, torn status."""
+"""Run directory faults: bad run ids, a second supervisor on the same run, torn or empty
+status and result files, temporary files a crash left behind."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from nkat.supervisor.rundir import RunDir, RunDirError, RunLocked, list_runs, state_dir
+from nkat.supervisor.rundir import (
+    RunDir,
+    RunDirError,
+    RunLocked,
+    Stored,
+    list_runs,
+    state_dir,
+)
 
 SPEC = {"job": "nkat-highdim", "params": {"max_dimension": 10}}
 
@@ -75,3 +84,77 @@ def test_state_dir_precedence(monkeypatch, tmp_path):
     assert state_dir(tmp_path / "b") == tmp_path / "b"
     monkeypatch.delenv("NKAT_STATE_DIR")
     assert state_dir(None) == tmp_path / "x" / "nkat-supervise"
+
+
+def test_status_is_fsynced_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """A lazy file system drops what is not synced: renaming an unsynced status.json
+    over the old one left it 0 bytes after every power cut."""
+    run = RunDir.create(tmp_path, "r1", SPEC, {})
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        calls.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run.write_status({"state": "running"})
+    assert calls == ["fsync file", "rename status.json", "fsync dir"]
+
+
+def test_an_empty_or_torn_status_or_result_reads_as_absent_and_says_so(tmp_path):
+    run = RunDir.create(tmp_path, "r1", SPEC, {})
+    assert run.read_status_file() == Stored(None) and run.read_result_file() == Stored(None)
+    for path, read in ((run.status_file, run.read_status_file),
+                       (run.result_file, run.read_result_file)):
+        path.write_bytes(b"")
+        stored = read()
+        assert stored.data is None and "empty" in str(stored.problem)
+        assert path.name in str(stored.problem)
+        path.write_bytes(b'{"state": "runn')
+        stored = read()
+        assert stored.data is None and "torn" in str(stored.problem)
+        path.write_bytes(b"[1, 2]")
+        assert read().data is None and "object" in str(read().problem)
+    assert run.read_status() is None and run.read_result() is None
+
+
+KILLED_MID_WRITE = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from nkat.supervisor.rundir import RunDir
+    run = RunDir.open(Path(sys.argv[1]), "r1")
+    def hang(fd):  # the power cut comes while the result is being synced
+        print("writing", flush=True)
+        time.sleep(60)
+    os.fsync = hang
+    run.write_result({"answer": 42})
+""")
+
+
+def test_a_write_killed_before_its_rename_leaves_no_temp_file_after_the_next_lock(tmp_path):
+    run = RunDir.create(tmp_path, "r1", SPEC, {})
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+    finally:
+        child.kill()
+        child.wait()
+    left = [p.name for p in (run.path / "results").iterdir()]
+    assert left == [f".result.json.{child.pid}.tmp"]
+    (run.path / f".status.json.{child.pid + 1}.tmp").write_bytes(b"")
+    keep = [run.path / "notes.tmp", run.path / ".hidden", run.path / "results" / "x.json.tmp"]
+    for path in keep:
+        path.write_bytes(b"mine")
+    with run.lock():
+        assert sorted(p.name for p in run.removed_temp_files) == sorted(
+            [f".result.json.{child.pid}.tmp", f".status.json.{child.pid + 1}.tmp"])
+        assert not (run.path / "results" / f".result.json.{child.pid}.tmp").exists()
+        assert run.read_result() is None  # the write never happened: no result, not a torn one
+    assert all(p.exists() for p in keep)

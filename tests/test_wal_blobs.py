@@ -1,5 +1,6 @@
 """Checkpoint states too large to inline: blob file first, then the ckpt_ref record;
-a damaged or missing blob fails closed, and salvage falls back to an older checkpoint."""
+a damaged or missing newest blob fails closed, and salvage resumes from the newest
+checkpoint that verifies, keeping every record."""
 
 from __future__ import annotations
 
@@ -65,24 +66,29 @@ def test_the_blob_is_durable_before_the_record_that_commits_it() -> None:
     assert ops[6] == ("fdatasync", ".wal")
 
 
-def test_a_damaged_blob_fails_closed_and_verify_names_its_record() -> None:
+def test_a_damaged_newest_blob_fails_the_open_and_verify_names_its_record() -> None:
     name = blob(IMAGE, 3)
     data = bytearray(IMAGE.read(BLOB_DIR / name))
     data[5000] ^= 0x40
     image = IMAGE.replace(BLOB_DIR / name, bytes(data))
-    wal, io = open_image(image)
-    with wal:
-        with pytest.raises(WalCorrupted, match="chunk 1 checksum mismatch") as exc:
-            wal.latest_checkpoint()
-    report = verify(WAL_DIR, BLOB_DIR, io=io)
-    assert not report.ok and report.problem is not None
+    with pytest.raises(WalCorrupted, match="chunk 1 checksum mismatch") as exc:
+        open_image(image)
+    report = verify(WAL_DIR, BLOB_DIR, io=RecordingIO(image))
+    assert not report.ok and report.problem is not None and report.needs_salvage
     assert report.problem.segment == exc.value.segment and report.problem.offset == exc.value.offset
     salvaged, io = open_image(image, salvage=True)
     with salvaged:
         latest = salvaged.latest_checkpoint()
         assert latest is not None and latest.ckpt_seq == 2 and latest.state == BIG[1]
-        assert salvaged.recovery.salvaged and salvaged.last_seq == SEQS[1]
-    assert name not in io.listdir(BLOB_DIR)  # no record names it any more
+        assert salvaged.recovery.salvaged and salvaged.recovery.reappended == (2,)
+        # Every record that verifies is kept: the damaged checkpoint's and the event after.
+        kinds = [r.type for r in salvaged.records()]
+        assert kinds[-3:] == [RecordType.CKPT_REF, RecordType.EVENT, RecordType.CKPT_REF]
+    with Wal.open(WAL_DIR, BLOB_DIR, io=io, **SETTINGS) as again:  # type: ignore[arg-type]
+        assert not again.recovery.salvaged
+        assert any(name in w and "not needed" in w for w in again.recovery.warnings)
+        latest = again.latest_checkpoint()
+        assert latest is not None and latest.ckpt_seq == 2
 
 
 @pytest.mark.parametrize("damage", ["missing", "short"])
@@ -100,7 +106,7 @@ def test_a_missing_or_short_newest_blob_fails_the_open(damage: str) -> None:
     with Wal.open(WAL_DIR, BLOB_DIR, io=io, salvage=True,
                   **SETTINGS) as wal:  # type: ignore[arg-type]
         latest = wal.latest_checkpoint()
-        assert latest is not None and latest.ckpt_seq == 2
+        assert latest is not None and latest.ckpt_seq == 2 and latest.state == BIG[1]
 
 
 @settings(max_examples=25, deadline=None)

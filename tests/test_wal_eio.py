@@ -104,7 +104,7 @@ def test_an_error_while_repairing_fails_the_open() -> None:
     segment = WAL_DIR / "0000000000000000.wal"
     data = io.read_file(segment)
     end = len(data.rstrip(b"\0"))
-    broken = RecordingIO(io.image().replace(segment, data[:end - 3]))
+    broken = RecordingIO(io.image().replace(segment, data[:end - 3] + bytes(len(data) - end + 3)))
     broken.fail_next("fdatasync", errno.EIO, ".wal")
     with pytest.raises(WalIOError):
         Wal.open(WAL_DIR, BLOB_DIR, io=broken, segment_size=SMALL)

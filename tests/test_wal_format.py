@@ -13,6 +13,8 @@ from nkat.supervisor.wal.format import (
     ALIGN,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
+    HEADER_SIZE_V1,
+    RunIdentity,
     SegmentHeader,
     encode_frame,
     frame_size,
@@ -29,7 +31,14 @@ SALT = 0x11223344
 
 
 def test_layout_matches_the_documented_diagram() -> None:
-    assert HEADER_SIZE == 32 and FRAME_HEADER_SIZE == 24
+    assert HEADER_SIZE == 176 and HEADER_SIZE_V1 == 32 and FRAME_HEADER_SIZE == 24
+    data = SegmentHeader(SALT, 5, 0xDEADBEEF, 1 << 26, RunIdentity("r1", "abc")).encode()
+    magic, version, algo, salt, segment, prev_tail, zero, size = struct.unpack_from(
+        "<8sHHIQIIQ", data)
+    assert (magic, version, algo, salt, segment, prev_tail, zero, size) == (
+        b"NKATWAL\n", 2, 1, SALT, 5, 0xDEADBEEF, 0, 1 << 26)
+    assert data[40:104] == b"r1".ljust(64, b"\0") and data[104:168] == b"abc".ljust(64, b"\0")
+    assert data[172:] == bytes(4)
     frame = encode_frame(RecordType.EVENT, SALT, 7, b"\x81\xa1k\x01")
     crc, length, rtype, salt, seq = struct.unpack_from("<IIB3xIQ", frame)
     assert (length, rtype, salt, seq) == (4, RecordType.EVENT, SALT, 7)
@@ -41,15 +50,25 @@ def test_frames_are_padded_to_eight_bytes(length: int) -> None:
     assert len(encode_frame(RecordType.EVENT, SALT, 1, b"x" * length)) % ALIGN == 0
 
 
-def test_segment_header_round_trips_and_every_bit_flip_is_caught() -> None:
-    header = SegmentHeader(SALT, 5, 0xDEADBEEF)
+@pytest.mark.parametrize("header", [
+    SegmentHeader(SALT, 5, 0xDEADBEEF, 4096, RunIdentity("run-1", "0123456789abcdef")),
+    SegmentHeader(SALT, 5, 0xDEADBEEF, version=1),
+], ids=["version 2", "version 1"])
+def test_segment_header_round_trips_and_every_bit_flip_is_caught(header: SegmentHeader) -> None:
     data = header.encode()
-    assert SegmentHeader.decode(data) == header
+    assert len(data) == header.length and SegmentHeader.decode(data) == header
     for bit in range(len(data) * 8):
         damaged = bytearray(data)
         damaged[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(ValueError):
             SegmentHeader.decode(bytes(damaged))
+
+
+def test_an_identity_that_does_not_fit_the_header_is_refused() -> None:
+    with pytest.raises(ValueError, match="run_id"):
+        SegmentHeader(SALT, 0, 0, identity=RunIdentity("x" * 65, "")).encode()
+    with pytest.raises(ValueError, match="run_id"):
+        Wal.open(WAL_DIR, BLOB_DIR, run={**RUN, "run_id": "x" * 65}, io=RecordingIO())
 
 
 def test_frame_reader_stops_at_a_zero_header_and_at_each_kind_of_damage() -> None:

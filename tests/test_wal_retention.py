@@ -114,9 +114,18 @@ def test_a_blob_missing_inside_the_retained_window_is_damage() -> None:
         middle = wal.checkpoints()[1].blob
     assert middle is not None
     io.unlink(BLOB_DIR / middle)
+    report = verify(WAL_DIR, BLOB_DIR, io=io)
+    assert not report.ok and not report.needs_salvage
+    # Older than the newest checkpoint: the log resumes from that one, and says so.
+    with Wal.open(WAL_DIR, BLOB_DIR, io=io, backup_checkpoints=3,
+                  **SETTINGS) as wal:  # type: ignore[arg-type]
+        assert any(middle in w and "missing" in w for w in wal.recovery.warnings)
+        assert [c.ckpt_seq for c in wal.checkpoints()] == [4, 6]
+        assert wal.latest_checkpoint().ckpt_seq == 6  # type: ignore[union-attr]
+    newest = sorted(io.listdir(BLOB_DIR))[-1]
+    io.unlink(BLOB_DIR / newest)
     with pytest.raises(WalCorrupted, match="missing"):
         Wal.open(WAL_DIR, BLOB_DIR, io=io, backup_checkpoints=3, **SETTINGS)  # type: ignore[arg-type]
-    assert not verify(WAL_DIR, BLOB_DIR, io=io).ok
 
 
 def test_inline_checkpoints_keep_their_segments() -> None:

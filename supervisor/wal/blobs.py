@@ -7,10 +7,12 @@ a blob without a record is an orphan from a crash and is removed at the next ope
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
 
+from .fileio import CHUNK as READ_BYTES
 from .fileio import FileIO
 from .format import BLOB_SUFFIX, TMP_SUFFIX, checksum
 
@@ -55,3 +57,24 @@ def read_blob(io: FileIO, path: Path, size: int, chunk: int, crcs: list[int]) ->
         if want != got:
             raise ValueError(f"blob {path.name} chunk {i} checksum mismatch")
     return data
+
+
+def check_blob(io: FileIO, path: Path, size: int, chunk: int, crcs: list[int]) -> str:
+    """What read_blob checks, a chunk in memory at a time; returns the state's digest
+    (SHA-256, hex, as state_digest) for the caller to compare."""
+    try:
+        actual = io.size(path)
+    except FileNotFoundError:
+        raise BlobMissing(f"blob {path.name} is missing") from None
+    if actual != size:
+        raise ValueError(f"blob {path.name} has {actual} bytes, expected {size}")
+    digest = hashlib.sha256()
+    per_read = max(1, READ_BYTES // chunk)  # chunks per read: about 1 MiB at a time
+    for first in range(0, len(crcs), per_read):
+        data = io.read_range(path, first * chunk, per_read * chunk)
+        for i, want in enumerate(crcs[first:first + per_read], first):
+            piece = data[(i - first) * chunk:(i - first + 1) * chunk]
+            if checksum(piece) != want:
+                raise ValueError(f"blob {path.name} chunk {i} checksum mismatch")
+        digest.update(data)
+    return digest.hexdigest()

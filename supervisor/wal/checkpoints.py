@@ -2,11 +2,13 @@
 
 A ``ckpt`` record carries the state inline; a ``ckpt_ref`` record names a blob file and
 holds its size, chunk size and per-chunk CRCs. Both carry the metadata the supervisor
-gave (ckpt_seq, epoch, units_done, digest, t_wall).
+gave (ckpt_seq, epoch, units_done, digest, t_wall, and ``shard`` when a run checkpoints
+several workers' states: absent means shard 0). Retention and resume work per shard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +23,15 @@ STATE_FIELDS = ("state", "blob", "size", "chunk", "crcs")
 
 
 def check_meta(meta: dict[str, Any]) -> None:
-    """ValueError unless ``meta`` has every META_FIELDS key with its type."""
+    """ValueError unless ``meta`` has every META_FIELDS key with its type, and a
+    ``shard``, if any, that is an int >= 0."""
     for key, kind in META_FIELDS.items():
         value = meta.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ValueError(f"checkpoint field {key!r} missing or not {kind}")
+    shard = meta.get("shard", 0)
+    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
+        raise ValueError(f"checkpoint field 'shard' must be an int >= 0, not {shard!r}")
 
 
 @dataclass
@@ -42,6 +48,27 @@ class CheckpointEntry:
     chunk: int = 0
     crcs: list[int] = field(default_factory=list)
     pruned: bool = False  # retention removed its blob
+    broken: str | None = None  # why its state does not verify, once checked
+
+    @property
+    def shard(self) -> int:
+        shard: int = self.meta.get("shard", 0)
+        return shard
+
+
+def by_shard(entries: Iterable[CheckpointEntry]) -> dict[int, list[CheckpointEntry]]:
+    """The entries of each shard, in the order given (oldest first)."""
+    shards: dict[int, list[CheckpointEntry]] = {}
+    for entry in entries:
+        shards.setdefault(entry.shard, []).append(entry)
+    return shards
+
+
+def newest_of_each_shard(entries: list[CheckpointEntry],
+                         count: int) -> list[CheckpointEntry]:
+    """The newest ``count`` entries of every shard, in log order."""
+    kept = {id(e) for group in by_shard(entries).values() for e in group[-count:]}
+    return [e for e in entries if id(e) in kept]
 
 
 def parse_entry(rtype: int, seq: int, segment: int, offset: int, end: int,
@@ -75,12 +102,13 @@ class CheckpointInfo:
     inline: bool  # False: the state is in blob file ``blob``
     digest: str
     blob: str | None
+    shard: int = 0
 
     @classmethod
     def of(cls, entry: CheckpointEntry) -> CheckpointInfo:
         m = entry.meta
         return cls(entry.seq, m["ckpt_seq"], m["epoch"], m["units_done"], float(m["t_wall"]),
-                   entry.size, entry.blob is None, m["digest"], entry.blob)
+                   entry.size, entry.blob is None, m["digest"], entry.blob, entry.shard)
 
 
 @dataclass(frozen=True)
@@ -94,3 +122,4 @@ class Checkpoint:
     digest: str
     t_wall: float
     state: bytes = field(repr=False)
+    shard: int = 0

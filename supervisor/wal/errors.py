@@ -1,7 +1,10 @@
 """Typed errors of the WAL: what a caller can catch and what each one means.
 
-``WalCorrupted`` says durable data is damaged (fail closed); ``WalIOError`` says the
-operating system refused an operation and the log stopped (fail-stop, never retried).
+``WalCorrupted`` says durable data is damaged (fail closed), and its ``WalTruncated``
+that a newer part of the log is gone as a whole (a deleted or truncated newest segment);
+both can be salvaged. ``WalForeign`` says the log belongs to another run, which salvage
+does not change. ``WalIOError`` says the operating system refused an operation and the
+log stopped (fail-stop, never retried).
 """
 
 from __future__ import annotations
@@ -26,6 +29,28 @@ class WalCorrupted(WalError):
         self.segment = segment
         self.offset = offset
         self.reason = reason
+
+
+class WalTruncated(WalCorrupted):
+    """The newest part of the log is missing: its newest segment was deleted (the one
+    before it is sealed, which happens only once its successor is durable), a segment is
+    shorter than it was prepared (segments are zero-filled to full size before use, so a
+    crash never leaves one short), or, with ``Wal.open(create=False)``, no segment is
+    left at all. Acknowledged records, a stop record among them, may be gone."""
+
+
+class WalForeign(WalError):
+    """The log belongs to another run: a segment header or the run record names another
+    run id or spec hash than the run opening it. Salvage does not apply; move the files
+    back where they belong. ``segment`` is the file, ``found`` and ``expected`` say whose
+    (as "run <id> (spec <hash>)")."""
+
+    def __init__(self, segment: Path, found: str, expected: str) -> None:
+        super().__init__(f"{segment}: belongs to {found}, not to {expected}; another run's "
+                         "write-ahead log was copied here (move it back to its own run)")
+        self.segment = segment
+        self.found = found
+        self.expected = expected
 
 
 class WalIOError(WalError):

@@ -7,7 +7,6 @@ and rebuild what a power loss at any point could have left on disk.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Protocol
@@ -42,7 +41,8 @@ class FileIO(Protocol):
 
     def fallocate(self, fd: int, offset: int, length: int) -> None:
         """Reserve space so that the file is at least ``offset + length`` bytes, the new
-        bytes reading as zeros."""
+        bytes reading as zeros. OSError EOPNOTSUPP (or EINVAL) where the file system
+        cannot; the caller then writes zeros itself if it needs them."""
         ...
 
     def read_file(self, path: Path) -> bytes:
@@ -104,20 +104,9 @@ class RealIO:
         os.fsync(fd)
 
     def fallocate(self, fd: int, offset: int, length: int) -> None:
-        try:
-            os.posix_fallocate(fd, offset, length)
-        except OSError as exc:
-            # Only a file system that cannot preallocate gets zeros written instead;
-            # ENOSPC and real I/O errors go to the caller.
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            end = offset + length
-            # Never overwrite what the file already holds, as posix_fallocate would not.
-            offset = max(offset, os.fstat(fd).st_size)
-            while offset < end:
-                step = min(CHUNK, end - offset)
-                self.pwrite(fd, ZEROS[:step], offset)
-                offset += step
+        # The one caller (prepare._prepare) writes the zeros itself after this, so an
+        # unsupported fallocate is its to ignore: no fallback here that writes them twice.
+        os.posix_fallocate(fd, offset, length)
 
     def read_file(self, path: Path) -> bytes:
         with open(path, "rb", buffering=0) as f:

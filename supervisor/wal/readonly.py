@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from .errors import WalCorrupted
 from .fileio import FileIO, RealIO
-from .format import RecordType
+from .format import RecordType, RunIdentity
 from .reader import scan_log, segment_records
 from .verify import VerifyReport, verify
 from .wal import Record
@@ -59,8 +59,9 @@ def settled(read: Callable[[], T], problem_of: Callable[[T], Hashable | None], *
 
 
 def read_records(wal_dir: Path, io: FileIO | None = None) -> Iterator[Record]:
-    """Every readable record in seq order; WalCorrupted where acknowledged data is damaged
-    (a torn tail just ends the iteration, as recovery would cut it)."""
+    """Every readable record in seq order, past any damage; then WalCorrupted for the
+    first damage if there is any (a torn tail just ends the iteration, as recovery would
+    cut it). A caller that judges a run by what it could read keeps what came first."""
     io = io if io is not None else RealIO()
     records, error = settled(lambda: _read_once(io, Path(wal_dir)), _problem_of_read)
     yield from records
@@ -68,12 +69,14 @@ def read_records(wal_dir: Path, io: FileIO | None = None) -> Iterator[Record]:
         raise error
 
 
-def verify_settled(wal_dir: Path, blob_dir: Path, io: FileIO | None = None) -> VerifyReport:
-    """``verify`` of a log that may be live: a problem is reported once it holds still."""
+def verify_settled(wal_dir: Path, blob_dir: Path, io: FileIO | None = None, *,
+                   identity: RunIdentity | None = None) -> VerifyReport:
+    """``verify`` of a log that may be live: a problem is reported once it holds still.
+    ``identity``: the run's, so that another run's log is a problem (verify)."""
     def problem_of(report: VerifyReport) -> Hashable | None:
         p = report.problem
         return None if p is None else (str(p.segment), p.offset, p.reason)
-    return settled(lambda: verify(wal_dir, blob_dir, io=io), problem_of)
+    return settled(lambda: verify(wal_dir, blob_dir, io=io, identity=identity), problem_of)
 
 
 def _read_once(io: FileIO, wal_dir: Path) -> tuple[list[Record], Exception | None]:
@@ -83,8 +86,9 @@ def _read_once(io: FileIO, wal_dir: Path) -> tuple[list[Record], Exception | Non
         for seg in scan.segments:
             for frame, payload in segment_records(io, seg):
                 records.append(Record(frame.seq, RecordType(frame.rtype), payload))
-        if scan.stop is not None and not scan.stop.torn:
-            return records, WalCorrupted(scan.stop.path, scan.stop.offset, scan.stop.reason)
+        damage = [d for d in scan.damage if d.kind != "stray"]
+        if damage:
+            return records, WalCorrupted(damage[0].path, damage[0].offset, damage[0].reason)
     except (WalCorrupted, FileNotFoundError) as exc:
         return records, exc
     return records, None

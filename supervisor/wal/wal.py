@@ -1,7 +1,7 @@
 """The Wal: one writer's handle on a log directory and its blob directory.
 
 It joins the pieces: recovery at open, appends through the segment writer, checkpoint
-states inline or in blobs, retention, and fail-stop on any I/O error.
+states inline or in blobs, per-shard retention, and fail-stop on any I/O error.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from .checkpoints import (
     Checkpoint,
     CheckpointEntry,
     CheckpointInfo,
+    by_shard,
     check_meta,
+    newest_of_each_shard,
 )
 from .errors import WalCorrupted, WalError, WalIOError
 from .fileio import FileIO, RealIO
@@ -30,14 +32,20 @@ from .format import (
     MAX_PAYLOAD,
     TMP_SUFFIX,
     RecordType,
+    RunIdentity,
+    SegmentHeader,
     pack_payload,
     unpack_payload,
 )
+from .prepare import Preparer
 from .reader import load_state, segment_records
 from .recovery import Recovery, recover
 from .writer import SegmentWriter
 
 MIN_SEGMENT_SIZE = 1024
+#: Seconds a roll (or a new log's first segment) waits for the background preparation
+#: before it takes a quick, sparse file instead (prepare.py).
+PREPARE_WAIT = 1.0
 #: Record types callers append directly; checkpoints go through append_checkpoint and
 #: seals are the writer's own.
 APPENDABLE = frozenset({RecordType.RUN, RecordType.EPOCH, RecordType.EVENT, RecordType.DONE,
@@ -57,7 +65,7 @@ class Wal:
     def __init__(self, io: FileIO, wal_dir: Path, blob_dir: Path, writer: SegmentWriter,
                  checkpoints: list[CheckpointEntry], run: dict[str, Any], recovery: Recovery,
                  *, salvage: bool, backup_checkpoints: int, inline_limit: int,
-                 blob_chunk: int) -> None:
+                 blob_chunk: int, stale: list[tuple[int, Path]] | None = None) -> None:
         """Use Wal.open."""
         self._io, self.wal_dir, self.blob_dir = io, wal_dir, blob_dir
         self._writer = writer
@@ -68,6 +76,7 @@ class Wal:
         self._backup = backup_checkpoints
         self._inline_limit = inline_limit
         self._blob_chunk = blob_chunk
+        self._stale = stale or []  # unreadable segment files retention may remove
         self._failed: str | None = None
         self._closed = False
 
@@ -75,14 +84,27 @@ class Wal:
     def open(cls, wal_dir: Path, blob_dir: Path, *, run: dict[str, Any] | None = None,
              salvage: bool = False, backup_checkpoints: int = 3, segment_size: int = 64 << 20,
              inline_limit: int = 1 << 20, blob_chunk: int = 1 << 20,
-             io: FileIO | None = None) -> Wal:
+             io: FileIO | None = None, create: bool = True,
+             background_prepare: bool | None = None,
+             prepare_wait: float = PREPARE_WAIT) -> Wal:
         """Open (creating if absent) the log in ``wal_dir`` with blobs in ``blob_dir``.
 
-        An empty log needs ``run``, which becomes its first record. An existing log is
-        recovered first (see Wal.recovery); a ``run`` that differs from the stored one is
-        appended as a new run record. Raises WalCorrupted if sealed or acknowledged data
-        is damaged, unless ``salvage``, which cuts the log back to the newest checkpoint
-        that verifies. WalIOError if the file system fails.
+        An empty log needs ``run``, which becomes its first record; its ``run_id`` and
+        ``spec_hash`` are the identity every segment header names. An existing log is
+        recovered first (see Wal.recovery, whose ``warnings`` list damage the open went
+        on despite: older than the checkpoint the run resumes from). A ``run`` that
+        differs from the stored one is appended as a new run record.
+
+        Raises WalForeign if the log names another run than ``run``; WalTruncated if its
+        newest segment was deleted or truncated, or (``create=False``: the log must
+        exist) it has no segment; WalCorrupted if damage hits what a resume needs: the
+        newest checkpoint that verifies of any shard, or anything after it. With
+        ``salvage`` the last two do not stop the open: it keeps every record that
+        verifies and resumes from each shard's newest checkpoint that does (appended
+        again, so later opens need no salvage). WalIOError if the file system fails.
+
+        ``background_prepare``: prepare segment files in a thread (None: when ``io`` is
+        the real file system); a roll waits ``prepare_wait`` seconds for one at most.
         """
         if backup_checkpoints < 1:
             raise ValueError("backup_checkpoints must be at least 1")
@@ -91,35 +113,54 @@ class Wal:
         if not 0 <= inline_limit <= MAX_PAYLOAD // 2 or blob_chunk < 1:
             raise ValueError("inline_limit or blob_chunk out of range")
         run_bytes = pack_payload(run) if run is not None else None
+        expected = RunIdentity.of_run(run)
+        SegmentHeader(0, 0, 0, identity=expected).encode()  # ValueError if it cannot fit
         io = io if io is not None else RealIO()
+        if background_prepare is None:
+            background_prepare = isinstance(io, RealIO)
         wal_dir, blob_dir = Path(wal_dir), Path(blob_dir)
+        preparer = Preparer(io, wal_dir, segment_size, background=background_prepare,
+                            wait=prepare_wait)
         try:
             for directory in (wal_dir, blob_dir):
                 _ensure_dir(io, directory)
                 _remove_tmp(io, directory)
-            scan, recovery = recover(io, wal_dir, blob_dir, salvage)
+            scan, recovery, reappend = recover(io, wal_dir, blob_dir, salvage=salvage,
+                                               backup=backup_checkpoints, identity=expected,
+                                               create=create, fresh=run is not None)
             if scan.run is not None:
                 stored, next_seq = pack_payload(scan.run), scan.last_seq + 1
             elif run_bytes is not None:
-                stored, next_seq = run_bytes, 1
+                stored, next_seq = run_bytes, scan.last_seq + 1
             else:
                 raise ValueError("an empty WAL needs the run record")
+            identity = expected if expected.known else RunIdentity.of_run(scan.run)
             if not scan.segments or scan.segments[-1].seal_crc is not None:
                 writer = SegmentWriter.create(io, wal_dir, segment_size, scan.segments,
-                                              next_seq, stored)
+                                              next_seq, stored, identity=identity,
+                                              preparer=preparer)
             else:
                 writer = SegmentWriter(io, wal_dir, segment_size, scan.segments, next_seq,
-                                       stored)
+                                       stored, identity=identity, preparer=preparer)
         except OSError as exc:
+            preparer.close()
             raise WalIOError(f"WAL open failed: {exc}", exc.errno) from exc
+        except BaseException:
+            preparer.close()
+            raise
+        stale = [(d.segment, d.path) for d in scan.damage if d.kind == "header"]
         wal = cls(io, wal_dir, blob_dir, writer, scan.checkpoints, unpack_payload(stored),
                   recovery, salvage=salvage, backup_checkpoints=backup_checkpoints,
-                  inline_limit=inline_limit, blob_chunk=blob_chunk)
+                  inline_limit=inline_limit, blob_chunk=blob_chunk, stale=stale)
         try:
             with wal._failstop("open"):
                 if writer.active.first_seq is None:
                     writer.start_segment()
                 wal._retain(orphans=True)
+            for entry in reappend:
+                # Salvage: each shard's resume checkpoint again, after all the damage.
+                state = wal._load(entry)
+                wal.append_checkpoint({**entry.meta, "salvaged_from": entry.seq}, state)
             if run is not None and unpack_payload(pack_payload(run)) != wal._run:
                 wal.append(RecordType.RUN, run)
         except BaseException:
@@ -147,31 +188,44 @@ class Wal:
         except OSError as exc:
             raise WalIOError(f"reading the WAL failed: {exc}", exc.errno) from exc
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """The retained checkpoints (the newest ``backup_checkpoints`` that still have
-        their state), oldest first, without loading their states."""
-        return [CheckpointInfo.of(e) for e in self._retained() if not e.pruned]
+    def shards(self) -> list[int]:
+        """The shards that have a retained checkpoint ([0] for a run of one worker)."""
+        return sorted({e.shard for e in self._retained() if not e.pruned})
 
-    def latest_checkpoint(self) -> Checkpoint | None:
-        """The newest durable checkpoint with its state verified, or None if there is
-        none. WalCorrupted if its state does not verify, unless the log was opened with
-        salvage: then the newest retained checkpoint that verifies."""
-        candidates = [e for e in self._retained() if not e.pruned]
+    def checkpoints(self, shard: int | None = None) -> list[CheckpointInfo]:
+        """The retained checkpoints (each shard's newest ``backup_checkpoints`` that still
+        have their state), oldest first, without loading their states; with ``shard``,
+        that shard's only."""
+        return [CheckpointInfo.of(e) for e in self._retained()
+                if not e.pruned and (shard is None or e.shard == shard)]
+
+    def latest_checkpoint(self, shard: int = 0) -> Checkpoint | None:
+        """The newest durable checkpoint of ``shard`` with its state verified, or None if
+        it has none. WalCorrupted if its state does not verify (it did at open), unless
+        the log was opened with salvage: then the newest retained one that verifies."""
+        candidates = [e for e in self._retained() if not e.pruned and e.shard == shard]
         for entry in reversed(candidates):
-            path = self._segment_path(entry.segment)
             try:
-                state = load_state(self._io, path, entry, self.blob_dir)
-            except ValueError as exc:
+                state = self._load(entry)
+            except WalCorrupted:
                 if self._salvage:
                     continue
-                raise WalCorrupted(path, entry.offset, str(exc)) from None
-            except OSError as exc:
-                raise WalIOError(f"reading checkpoint {entry.seq} failed: {exc}",
-                                 exc.errno) from exc
+                raise
             m = entry.meta
             return Checkpoint(entry.seq, m["ckpt_seq"], m["epoch"], m["units_done"],
-                              m["digest"], float(m["t_wall"]), state)
+                              m["digest"], float(m["t_wall"]), state, entry.shard)
         return None
+
+    def _load(self, entry: CheckpointEntry) -> bytes:
+        seg = next(s for s in self._writer.segments if s.number == entry.segment)
+        path = seg.path
+        try:
+            return load_state(self._io, path, entry, self.blob_dir, seg.salt)
+        except ValueError as exc:
+            raise WalCorrupted(path, entry.offset, str(exc)) from None
+        except OSError as exc:
+            raise WalIOError(f"reading checkpoint {entry.seq} failed: {exc}",
+                             exc.errno) from exc
 
     # Writing --------------------------------------------------------------------------
 
@@ -193,9 +247,11 @@ class Wal:
         """Append a checkpoint; return its record's seq once it and its state are durable.
 
         ``payload`` holds ckpt_seq, epoch, units_done, digest (state_digest of ``state``,
-        checked here) and t_wall. A state up to ``inline_limit`` bytes goes into a ckpt
+        checked here), t_wall and, for a run of several workers, ``shard`` (an int;
+        absent means 0). A state up to ``inline_limit`` bytes goes into a ckpt
         record; a larger one into a blob file, made durable before the ckpt_ref record
-        that commits it. Older checkpoints beyond ``backup_checkpoints`` are then removed.
+        that commits it. Older checkpoints of its shard beyond ``backup_checkpoints`` are then
+        removed.
         Errors as for append; a WalIOError from the removal comes after the checkpoint
         is durable, so a checkpoint resent after reopening may already be in the log.
         """
@@ -266,7 +322,8 @@ class Wal:
             raise WalIOError(f"WAL {what} failed: {exc}", exc.errno) from exc
 
     def _retained(self) -> list[CheckpointEntry]:
-        return self._ckpts[-self._backup:]
+        """Each shard's newest ``backup_checkpoints`` whose state is not known broken."""
+        return newest_of_each_shard([e for e in self._ckpts if e.broken is None], self._backup)
 
     def _segment_path(self, number: int) -> Path:
         return next(s.path for s in self._writer.segments if s.number == number)
@@ -275,24 +332,36 @@ class Wal:
         """Remove blobs and sealed segments that only older checkpoints need.
 
         Unlinks go oldest first, each made durable before the next, so a crash leaves
-        removed blobs as a prefix of the ckpt_ref records (check_blobs relies on it) and
-        never a hole in the segment sequence.
+        each shard's removed blobs as a prefix of its ckpt_ref records (check_blobs
+        relies on it) and never a hole in the segment sequence.
         """
         io = self._io
         kept = self._retained()
-        for entry in self._ckpts[:-self._backup]:
+        oldest_kept = {shard: group[0].seq for shard, group in by_shard(kept).items()}
+        for entry in self._ckpts:
+            cutoff = oldest_kept.get(entry.shard)
+            if cutoff is None or entry.seq >= cutoff:
+                continue
             if entry.blob is not None and not entry.pruned:
                 with suppress(FileNotFoundError):
                     io.unlink(self.blob_dir / entry.blob)
                 io.fsync_dir(self.blob_dir)
                 entry.pruned = True
         segments = self._writer.segments
-        # Invariant: the segment holding the oldest retained checkpoint stays, and so
-        # does every later one, the active one included.
-        while kept and segments[0].number < kept[0].segment:
+        # Invariant: the segment holding the oldest retained checkpoint of any shard
+        # stays, and so does every later one, the active one included.
+        first_needed = min((e.segment for e in kept), default=None)
+        while first_needed is not None and segments[0].number < first_needed:
             io.unlink(segments.pop(0).path)
             io.fsync_dir(self.wal_dir)
         first = segments[0].number
+        # Unreadable segment files older than that are damage no resume needs: they
+        # go as an intact one would (the open's warnings named them).
+        for _, path in [s for s in self._stale if s[0] < first]:
+            with suppress(FileNotFoundError, IsADirectoryError):
+                io.unlink(path)
+            io.fsync_dir(self.wal_dir)
+        self._stale = [s for s in self._stale if s[0] >= first]
         self._ckpts[:] = [e for e in self._ckpts if e.segment >= first]
         if orphans:
             wanted = {e.blob for e in self._ckpts if e.blob is not None and not e.pruned}

@@ -26,11 +26,14 @@ The durability model, deliberately no kinder than POSIX and a journaling file sy
 from __future__ import annotations
 
 import errno as errnos
+import functools
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 #: Directory entry value of a subdirectory (files map to their inode number, >= 0).
 DIR = -1
@@ -111,6 +114,18 @@ class _Fault:
     skip: int  # matching operations still to let through
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    """One operation at a time: a Wal may prepare segments in a thread of its own."""
+    @functools.wraps(method)
+    def wrapper(self: RecordingIO, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class CrashState:
     """A disk a power loss could leave: ``point`` operations had returned (ops[:point]),
@@ -126,6 +141,7 @@ class RecordingIO:
     mutating or syncing operation in ``ops``."""
 
     def __init__(self, image: Image | None = None) -> None:
+        self._lock = threading.Lock()
         self._dirs: dict[PurePosixPath, dict[str, int]] = {ROOT: {}}
         self._files: dict[int, bytearray] = {}
         if image is not None:
@@ -144,6 +160,7 @@ class RecordingIO:
 
     # Test controls ------------------------------------------------------------------
 
+    @_locked
     def fail_next(self, kind: str, err: int, path_suffix: str = "", after: int = 0) -> None:
         """Make a ``kind`` operation ("open", "write", "fallocate", "fsync", "fdatasync",
         "rename", "unlink", "mkdir", "fsync_dir") on a path ending with ``path_suffix``
@@ -151,11 +168,13 @@ class RecordingIO:
         failed write changes nothing; a failed sync leaves its writes in limbo."""
         self._faults.append(_Fault(kind, err, path_suffix, after))
 
+    @_locked
     def image(self) -> Image:
         """What the process sees now (the disk after a clean exit, no power loss)."""
         return Image({d: dict(e) for d, e in self._dirs.items()},
                      {ino: bytes(data) for ino, data in self._files.items()})
 
+    @_locked
     def crash_states(self, *, subset: int = 4, sectors: Iterable[int] = (512, 4096),
                      tears: int = 8) -> list[CrashState]:
         """Every distinct disk a power loss after each recorded operation could leave.
@@ -176,6 +195,7 @@ class RecordingIO:
 
     # FileIO -------------------------------------------------------------------------
 
+    @_locked
     def open(self, path: Path, flags: int) -> int:
         p = self._check("open", path)
         entries = self._dir_of(p)
@@ -201,14 +221,17 @@ class RecordingIO:
         self._fds[fd] = (ino, p, writable)
         return fd
 
+    @_locked
     def close(self, fd: int) -> None:
         self._fd(fd)
         del self._fds[fd]
 
+    @_locked
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         ino, _, _ = self._fd(fd)
         return bytes(self._files[ino][offset:offset + size])
 
+    @_locked
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
         ino, path, writable = self._fd(fd)
         self._check("write", path)
@@ -217,6 +240,7 @@ class RecordingIO:
         _write(self._files[ino], offset, data)
         self._record("write", path, ino=ino, offset=offset, data=bytes(data))
 
+    @_locked
     def fallocate(self, fd: int, offset: int, length: int) -> None:
         ino, path, _ = self._fd(fd)
         self._check("fallocate", path)
@@ -225,32 +249,40 @@ class RecordingIO:
             content.extend(bytes(offset + length - len(content)))
         self._record("extend", path, ino=ino, size=offset + length)
 
+    @_locked
     def fdatasync(self, fd: int) -> None:
         self._sync("fdatasync", fd)
 
+    @_locked
     def fsync(self, fd: int) -> None:
         self._sync("fsync", fd)
 
+    @_locked
     def read_file(self, path: Path) -> bytes:
         return bytes(self._files[self._file_ino(PurePosixPath(path))])
 
+    @_locked
     def read_range(self, path: Path, offset: int, length: int) -> bytes:
         content = self._files[self._file_ino(PurePosixPath(path))]
         return bytes(content[offset:offset + length])
 
+    @_locked
     def size(self, path: Path) -> int:
         return len(self._files[self._file_ino(PurePosixPath(path))])
 
+    @_locked
     def exists(self, path: Path) -> bool:
         p = PurePosixPath(path)
         return p == ROOT or p.name in self._dirs.get(p.parent, {})
 
+    @_locked
     def listdir(self, path: Path) -> list[str]:
         p = PurePosixPath(path)
         if p not in self._dirs:
             raise FileNotFoundError(errnos.ENOENT, os.strerror(errnos.ENOENT), str(p))
         return sorted(self._dirs[p])
 
+    @_locked
     def mkdir(self, path: Path) -> None:
         p = self._check("mkdir", path)
         entries = self._dir_of(p)
@@ -260,6 +292,7 @@ class RecordingIO:
         self._dirs[p] = {}
         self._record("mkdir", p)
 
+    @_locked
     def rename(self, src: Path, dst: Path) -> None:
         s, d = self._check("rename", src), PurePosixPath(dst)
         if s.parent != d.parent:
@@ -270,12 +303,14 @@ class RecordingIO:
         entries[d.name] = ino
         self._record("rename", s, ino=ino, dst=d)
 
+    @_locked
     def unlink(self, path: Path) -> None:
         p = self._check("unlink", path)
         self._file_ino(p)
         del self._dirs[p.parent][p.name]
         self._record("unlink", p)
 
+    @_locked
     def fsync_dir(self, path: Path) -> None:
         p = self._check("fsync_dir", path)
         if p not in self._dirs:

@@ -46,7 +46,14 @@ from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.preemption import PreemptionSettings
 from nkat.supervisor.rundir import RunDir, RunDirError, RunLocked, list_runs, new_run_id
 from nkat.supervisor.supervise import Shell
-from nkat.supervisor.wal import CheckpointInfo, Wal, WalCorrupted, WalError
+from nkat.supervisor.wal import (
+    CheckpointInfo,
+    Wal,
+    WalCorrupted,
+    WalError,
+    WalForeign,
+    WalTruncated,
+)
 
 if TYPE_CHECKING:
     from nkat.supervisor.notifier import Notifier
@@ -198,7 +205,21 @@ def _supervise_locked(run: RunDir, config: Config, *, how: str, quiet: bool,
         try:
             wal = Wal.open(run.wal_dir, run.blob_dir, run=run_payload, salvage=salvage,
                            backup_checkpoints=config["backup_checkpoints"],
-                           segment_size=config["segment_size"])
+                           segment_size=config["segment_size"], create=how == "new")
+        except WalForeign as exc:
+            log.critical("wal.foreign", error=str(exc))
+            print(f"nkat-supervise: error: the write-ahead log in {run.wal_dir} is not this "
+                  f"run's: {exc}\n  The run will not start; move that log back to its own run "
+                  "directory.", file=sys.stderr)
+            return ExitCode.GAVE_UP
+        except WalTruncated as exc:
+            log.critical("wal.truncated", error=str(exc))
+            print(f"nkat-supervise: error: the write-ahead log of run {run.run_id} has lost its "
+                  f"newest part: {exc}\n  Acknowledged records, an operator's stop among them, "
+                  f"may be gone, so the run will not start. Inspect it with `nkat-supervise "
+                  f"verify {run.run_id}`; to resume from the newest checkpoint left, start "
+                  "again with --salvage.", file=sys.stderr)
+            return ExitCode.GAVE_UP
         except WalCorrupted as exc:
             log.critical("wal.corrupt", error=str(exc))
             print(f"nkat-supervise: error: the write-ahead log of run {run.run_id} is corrupt: "
@@ -226,6 +247,14 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     log.info("wal.recovered", records=recovery.records,
              torn_tail_repaired=recovery.torn_tail_repaired, salvaged=recovery.salvaged,
              problem=recovery.problem)
+    for path in run.removed_temp_files:
+        log.info("rundir.temp_removed", path=str(path))
+    for warning in recovery.warnings:  # damage older than what the run resumes from
+        print(f"nkat-supervise: warning: write-ahead log: {warning}", file=sys.stderr)
+        log.warning("wal.damage", detail=warning)
+    if recovery.salvaged:
+        log.warning("wal.salvaged", problem=recovery.problem,
+                    reappended=list(recovery.reappended))
     history = summarize(wal.records())
     if history.done is not None:
         if run.read_result() is None:

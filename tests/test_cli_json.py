@@ -174,7 +174,7 @@ def test_the_documented_keys_are_read_from_the_documents():
     assert gpu is not None and gpu.nullable and {"temperature", "duty"} <= set(gpu.keys)
     assert status.keys["source"] is None  # a note on values, not keys
     problem = documented("verify --json").keys["problem"]
-    assert problem == Shape(dict.fromkeys(["file", "offset", "reason"]), nullable=True)
+    assert problem == Shape(dict.fromkeys(["file", "offset", "reason", "needed"]), nullable=True)
     devices = documented("gpu --json").keys["devices"]
     assert devices is not None and devices.array and "reading" in devices.keys
     assert documented("checkpoints --json").array

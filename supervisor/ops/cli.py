@@ -313,8 +313,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         verdict = "ok" if report["ok"] else "CORRUPT"
         print(f"{run.run_id}: {verdict}: {report['segments']} segments, {report['records']} "
               f"records, {report['checkpoints']} checkpoints")
-        if report.get("problem"):
-            print(f"  first problem: {report['problem']}")
+        for problem in report.get("problems", []):
+            where = f"{problem['file']} at byte {problem['offset']}"
+            print(f"  {where}: {problem['reason']}"
+                  + ("" if problem["needed"] else " (older than what a resume needs)"))
+        if not report["ok"] and not report.get("needs_salvage"):
+            print("  a plain start resumes past it, with a warning")
+        elif report.get("needs_salvage"):
+            print("  start refuses; start --salvage resumes from the newest intact checkpoint")
     return ExitCode.OK if report["ok"] else ExitCode.CHECK_FAILED
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from nkat.supervisor import control, journal
 from nkat.supervisor.ops.logview import read_log
 from nkat.supervisor.rundir import RunDir
-from nkat.supervisor.wal import Record, RecordType, WalError
+from nkat.supervisor.wal import Problem, Record, RecordType, RunIdentity, WalError
 from nkat.supervisor.wal.readonly import read_records, verify_settled
 
 
@@ -70,7 +70,7 @@ def summarize(records: Iterable[Record]) -> History:
 def run_state_from_disk(run: RunDir, history: History | None = None) -> str:
     """The run's state; ``interrupted`` is what ``start --boot`` resumes. ``history``: the
     summary of its records, when the caller has read them already."""
-    if run.result_file.exists():
+    if run.read_result() is not None:
         return "completed"
     if run.holder_pid():
         return "running"
@@ -184,15 +184,21 @@ def list_checkpoints(run: RunDir) -> list[dict[str, Any]]:
 
 
 def verify_run(run: RunDir) -> dict[str, Any]:
-    report = verify_settled(run.wal_dir, run.blob_dir)
-    problem = report.problem
+    report = verify_settled(run.wal_dir, run.blob_dir,
+                            identity=RunIdentity(run.run_id, run.info.spec_hash))
+
+    def shown(problem: Problem) -> dict[str, Any]:
+        return {"file": str(problem.segment), "offset": problem.offset,
+                "reason": problem.reason, "needed": problem.needed}
+
     return {
         "run_id": run.run_id,
         "ok": report.ok,
         "segments": len(report.segments),
         "records": report.records,
         "checkpoints": len(report.checkpoints),
-        "problem": None if problem is None else {
-            "file": str(problem.segment), "offset": problem.offset, "reason": problem.reason},
+        "problem": None if report.problem is None else shown(report.problem),
+        "problems": [shown(p) for p in report.problems],
+        "needs_salvage": report.needs_salvage,
         "notes": list(report.notes),
     }

@@ -277,3 +277,31 @@ def test_serve_prints_its_address_serves_and_stops_on_sigterm(finished: Path):
             proc.wait()
     assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
     assert os.path.isdir(finished)
+
+
+def _config_has(key: str) -> bool:
+    from nkat.supervisor.config import KEYS
+
+    return any(k.name == key for k in KEYS)
+
+
+@pytest.mark.skipif(not _config_has("http_addr"),
+                    reason="the run loop does not start the page yet (no http_addr key)")
+def test_a_supervisor_serves_its_own_page_at_http_addr(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = SupervisedRun(tmp_path, "own", ["max_dimension=1000000000000",
+                                          f"http_addr=127.0.0.1:{port}"])
+    run.start()
+    run.wait_progress()
+    (card,) = wait_for(lambda: api(port, "own:0")["runs"], 30, "the run's own page")
+    assert card["run_id"] == "own" and card["live"] and card["state"] == "running"
+    stop = subprocess.run([sys.executable, "-m", "nkat.supervisor", "stop", "--state-dir",
+                           str(run.state), "own"], capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    assert run.wait(60) == 4
+    with pytest.raises(OSError):  # the page went with its supervisor
+        get(port, "/api/runs")

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from nkat.supervisor.ops.report import Timeline
 from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.web.access import AccessError, listen_token, read_token, token_matches
-from nkat.supervisor.web.board import Board, gpu_rows, json_safe
+from nkat.supervisor.web.board import Board, compact, gpu_rows, json_safe
 from nkat.supervisor.web.page import COOKIE, StatusPage, parse_open
 from tests.e2e import SupervisedRun, reap_processes, wait_for  # noqa: F401 - autouse fixture
 
@@ -178,6 +179,25 @@ def test_gpu_rows_come_from_gpus_when_present_else_from_gpu():
     got = gpu_rows({**status, "gpus": rows}, {})
     assert [r["index"] for r in got] == [0, 1, 2] and "extra" not in got[0]
     assert gpu_rows({"gpu": None}, {}) == []
+
+
+def test_a_long_run_keeps_its_whole_chart_in_bounded_points_with_gaps_and_peaks():
+    tl = Timeline()
+    # 1300 one-second intervals alternating 10 and 20 units/s, a restart gap after the 500th.
+    for i in range(1300):
+        start = i + (5.0 if i >= 500 else 0.0)
+        tl.rates.append((start, start + 1.0, 10.0 if i % 2 == 0 else 20.0))
+    tl.temperatures = [(float(t), 95.0 if t == 777 else 60.0) for t in range(1301)]
+    tl.checkpoints = [float(t) for t in range(1301)]
+    tl.restarts = [500.5]
+    compact(tl, limit=600)
+    assert len(tl.rates) <= 1200 and len(tl.temperatures) <= 1200 and len(tl.checkpoints) <= 1200
+    assert tl.rates[0][0] == 0.0 and tl.rates[-1][1] == 1305.0  # the whole run is still there
+    assert {r for _a, _b, r in tl.rates} == {15.0}  # time-weighted: 10 and 20 make 15
+    assert any(b == 500.0 for _a, b, _r in tl.rates)  # the gap before 505 is not bridged
+    assert all(not (a < 502.0 < b) for a, b, _r in tl.rates)
+    assert max(c for _t, c in tl.temperatures) == 95.0  # the peak survives
+    assert tl.restarts == [500.5]
 
 
 def test_json_for_the_browser_has_no_nan():

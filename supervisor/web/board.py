@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from nkat.supervisor.ops.logview import LogReader, parse_line
-from nkat.supervisor.ops.report import TimelineReader, scalar_rows
+from nkat.supervisor.ops.report import Timeline, TimelineReader, scalar_rows
 from nkat.supervisor.rundir import RunDir, list_runs
 
 REFRESH_S = 0.5  # the state directory is read at most this often, whoever asks
 MAX_OPEN = 8  # runs followed in detail at once: each keeps its log open
 FORGET_AFTER_S = 60.0  # a run's log is closed when no page has asked about it this long
-MAX_POINTS = 720  # chart points kept per series: the newest ones
+MAX_POINTS = 600  # chart points per series; past twice this, a series is halved
 MAX_WARNINGS = 8
 MAX_RESULT_ROWS = 40
 MAX_TEXT = 240
@@ -112,10 +112,7 @@ class RunLog:
             grew = True
         if grew:
             self.version = next(_versions)
-            tl = self._timeline.timeline
-            for series in (tl.rates, tl.temperatures, tl.checkpoints, tl.restarts,
-                           tl.thermal_stops, tl.exits):
-                del series[:-MAX_POINTS]
+            compact(self._timeline.timeline)
 
     def detail(self, state: Any) -> dict[str, Any]:
         tl = self._timeline.timeline
@@ -246,6 +243,40 @@ class Board:
             if index >= MAX_OPEN or now - log.used > FORGET_AFTER_S:
                 log.close()
                 del self._logs[log.run.run_id]
+
+
+def compact(tl: Timeline, limit: int = MAX_POINTS) -> None:
+    """Keep the whole run on the chart in bounded memory: a series past twice ``limit``
+    points is halved, coarser where it is oldest after a few halvings. Rates merge with
+    their neighbour (time-weighted) only where one interval ends as the next starts, so
+    a restart's gap stays; temperatures keep the hotter of each pair, so a peak stays."""
+    if len(tl.rates) > 2 * limit:
+        tl.rates[:] = _merge_rates(tl.rates)
+        del tl.rates[:-2 * limit]  # runs of gaps that cannot merge: the newest are kept
+    if len(tl.temperatures) > 2 * limit:
+        pairs = zip(tl.temperatures[0::2], tl.temperatures[1::2], strict=False)
+        odd = tl.temperatures[-1:] if len(tl.temperatures) % 2 else []
+        tl.temperatures[:] = [max(a, b, key=lambda point: point[1]) for a, b in pairs] + odd
+    for marks in (tl.checkpoints, tl.exits):
+        if len(marks) > 2 * limit:
+            marks[:] = marks[1::2]
+    for marks in (tl.restarts, tl.thermal_stops):
+        del marks[:-2 * limit]  # every one matters; only a flood of them is cut
+
+
+def _merge_rates(rates: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    merged: list[tuple[float, float, float]] = []
+    index = 0
+    while index < len(rates):
+        a0, b0, r0 = rates[index]
+        if index + 1 < len(rates) and abs(rates[index + 1][0] - b0) < 1e-6:
+            _a1, b1, r1 = rates[index + 1]
+            merged.append((a0, b1, (r0 * (b0 - a0) + r1 * (b1 - b0)) / (b1 - a0)))
+            index += 2
+        else:
+            merged.append((a0, b0, r0))
+            index += 1
+    return merged
 
 
 def _files(run: RunDir) -> tuple[Any, ...]:

@@ -227,11 +227,12 @@ def test_a_live_supervisor_under_a_metrics_flood_keeps_its_handles_and_runs_on(t
     run.wait_progress()
     sup = psutil.Process(proc.pid)
     assert 'nkat_up{run_id="flood"} 1.0' in scrape(port)  # served before supervision starts
-    fds_before = sup.num_fds()
+    fds_before, threads_before = sup.num_fds(), sup.num_threads()
     flood = Flood(port, FLOOD)
     try:
         wait_until(lambda: flood.closed() >= FLOOD - 16, 30, "the flood to be trimmed")
         assert sup.num_fds() <= fds_before + 16 + 4, (fds_before, sup.num_fds())
+        assert sup.num_threads() <= threads_before + 1  # no thread per connection
         seq = run.acked_ckpt_seq()
         assert 'nkat_up{run_id="flood"} 1.0' in scrape(port)
         wait_until(lambda: run.acked_ckpt_seq() > seq, 30, "checkpoints during the flood")

@@ -126,7 +126,7 @@ def test_a_loopback_page_refuses_a_request_naming_another_host(page: StatusPage)
 
 
 def test_the_open_parameter_takes_run_ids_only():
-    assert parse_open("a:3,b,../x:1,c:x") == {"a": 3, "b": 0, "c": 0}
+    assert parse_open("a:3,b,../x:1,c:x,d/e:2,..:1") == {"a": 3, "b": 0, "c": 0}
     assert parse_open("") == {}
 
 

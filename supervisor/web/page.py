@@ -76,7 +76,7 @@ def parse_open(text: str) -> dict[str, int]:
     wanted: dict[str, int] = {}
     for item in text.split(",")[:MAX_OPEN]:
         run_id, _, version = item.partition(":")
-        if RUN_ID_RE.match(run_id) and run_id not in (".", ".."):
+        if RUN_ID_RE.fullmatch(run_id) and run_id not in (".", ".."):
             wanted[run_id] = int(version) if version.isdigit() else 0
     return wanted
 

@@ -17,6 +17,20 @@ operator gets answers from a live run. All from real processes in this one run.
                                    start_breakdown_p50: launch -> ``wal.recovered`` (the
                                    supervisor is up), -> ``worker.spawned``,
                                    -> ``worker.welcomed``, -> that first beat.
+    web_first_paint_ms             ``nkat-supervise serve``'s page in headless Chromium (the
+                                   system chromium, driven by Playwright): navigation start
+                                   -> first contentful paint, the median of a few fresh
+                                   pages; _cold: the first one; web_first_data_ms: -> the
+                                   runs on screen (the page's ``nkat-runs-shown`` mark).
+    web_update_lag_ms_p50          a progress change -> that ``units_done`` shown in the page
+                                   (a MutationObserver's clock against this process's: one
+                                   machine, one clock). The change is the beat that carried
+                                   it, read from the run's events socket: the supervisor
+                                   knows it then, and writes status.json from the same
+                                   status up to a second later. _disk: from the moment
+                                   status.json first held it (the page, which asks the live
+                                   supervisor, is often ahead of the disk: then 0).
+                                   null, with web_note, without playwright or chromium.
 
 The CLI is the ``nkat-supervise`` script beside this interpreter when installed (else
 ``python -m nkat.supervisor``); cli_command says which.
@@ -26,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -68,6 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures.update(status_latency(live, command, runs=5 if quick else 20,
                                           calls=50 if quick else 300))
             figures.update(logs_follow_lag(live, command, lines=20 if quick else 60))
+            figures.update(web_figures(live, command, base, pages=3 if quick else 7,
+                                       watch_s=10 if quick else 30))
         finally:
             live.cleanup()
     return figures
@@ -183,3 +201,154 @@ def _first_progress(base: Path, command: list[str], run_id: str) -> dict[str, fl
             "spawned": events["worker.spawned"] - events["wal.recovered"],
             "welcomed": events["worker.welcomed"] - events["worker.spawned"],
             "first_beat": first_beat - events["worker.welcomed"]}
+
+
+# The status page in a browser -------------------------------------------------------------
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+# Records each units count the live run's card shows, with the browser's wall clock.
+_OBSERVE_UNITS = """(runId) => {
+  window.__shown = [];
+  const note = () => {
+    const card = document.querySelector(`article[data-run="${runId}"]`);
+    const units = card ? Number(card.dataset.units) : NaN;
+    const last = window.__shown[window.__shown.length - 1];
+    if (!isNaN(units) && (!last || last[1] !== units)) window.__shown.push([Date.now(), units]);
+  };
+  new MutationObserver(note).observe(document.getElementById("runs"),
+    {subtree: true, childList: true, attributes: true, attributeFilter: ["data-units"]});
+  note();
+}"""
+
+
+def serve_command(command: list[str]) -> list[str]:
+    """``nkat-supervise serve``, or the module itself where the CLI does not list it yet."""
+    probe = subprocess.run([*command, "serve", "--help"], capture_output=True,
+                           stdin=subprocess.DEVNULL)
+    if probe.returncode == 0:
+        return [*command, "serve"]
+    return [sys.executable, "-m", "nkat.supervisor.ops.serve"]
+
+
+def web_figures(live: SupervisedRun, command: list[str], base: Path, pages: int,
+                watch_s: float) -> dict[str, Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return {"web_first_paint_ms": None, "web_update_lag_ms_p50": None,
+                "web_note": "playwright is not installed"}
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        return {"web_first_paint_ms": None, "web_update_lag_ms_p50": None,
+                "web_note": "chromium is not installed"}
+    server = subprocess.Popen([*serve_command(command), "--state-dir", str(live.state_dir),
+                               "--addr", "127.0.0.1:0"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if " on http" not in line:
+            raise RuntimeError(f"bench: serve did not start: {line!r}")
+        url = line.rsplit(" on ", 1)[1].strip()
+        with sync_playwright() as pw:
+            context = pw.chromium.launch_persistent_context(
+                str(base / "chromium-profile"), executable_path=chromium, headless=True,
+                args=CHROMIUM_ARGS, viewport={"width": 390, "height": 844})
+            try:
+                figures = _first_paint(context, url, pages)
+                figures.update(_update_lag(context, url, live, watch_s))
+            finally:
+                context.close()
+    finally:
+        server.terminate()
+        server.wait(15)
+    return figures
+
+
+def _first_paint(context: Any, url: str, pages: int) -> dict[str, Any]:
+    paints, shown = [], []
+    for _ in range(pages):
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("article.run", timeout=30000)
+        entries = page.evaluate("""() => {
+          const paint = Object.fromEntries(performance.getEntriesByType("paint")
+                                           .map((e) => [e.name, e.startTime]));
+          const runs = performance.getEntriesByName("nkat-runs-shown")[0];
+          return [paint["first-contentful-paint"] ?? paint["first-paint"],
+                  runs ? runs.startTime : null];
+        }""")
+        page.close()
+        paints.append(entries[0])
+        shown.append(entries[1])
+    return {"web_first_paint_ms": rounded(statistics.median(paints), 1),
+            "web_first_paint_ms_cold": rounded(paints[0], 1),
+            "web_first_data_ms": rounded(statistics.median(shown), 1),
+            "web_pages": pages}
+
+
+def _update_lag(context: Any, url: str, live: SupervisedRun, watch_s: float) -> dict[str, Any]:
+    status_file = live.run_dir / "status.json"
+    beats: list[tuple[float, int]] = []  # (received, units_done), from the events socket
+    on_disk: list[tuple[float, int]] = []  # (first seen in status.json, units_done)
+    stop = threading.Event()
+
+    def changed(series: list[tuple[float, int]], when: float, units: Any) -> None:
+        if isinstance(units, int) and (not series or series[-1][1] != units):
+            series.append((when, units))
+
+    def watch_disk() -> None:
+        while not stop.is_set():
+            try:
+                units = json.loads(status_file.read_text()).get("units_done")
+            except (OSError, ValueError):
+                units = None
+            changed(on_disk, time.time(), units)
+            time.sleep(0.005)
+
+    def watch_beats() -> None:
+        stream = EventStream(live.endpoint("events"))
+        try:
+            while not stop.is_set():
+                for when, body in stream.read(0.05):
+                    if body.get("t") == "beat":
+                        changed(beats, when, body.get("units_done"))
+        finally:
+            stream.close()
+
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector(f'article.run[data-run="{live.run_id}"]', timeout=30000)
+    page.evaluate(_OBSERVE_UNITS, live.run_id)
+    watchers = [threading.Thread(target=w, daemon=True) for w in (watch_disk, watch_beats)]
+    for watcher in watchers:
+        watcher.start()
+    started = time.time()
+    time.sleep(watch_s)
+    stop.set()
+    for watcher in watchers:
+        watcher.join()
+    shown = page.evaluate("window.__shown")
+    page.close()
+
+    def lags(changes: list[tuple[float, int]]) -> list[float]:
+        out = []
+        for when, units in changes:
+            # Changes at the very start or end may have no counterpart in the window.
+            if when < started + 1 or when > started + watch_s - 3:
+                continue
+            seen = [t / 1000 for t, u in shown if u >= units]
+            if seen:
+                out.append(max(0.0, min(seen) - when))
+        return out
+
+    from_beat, from_disk = lags(beats), lags(on_disk)
+    if not from_beat:
+        return {"web_update_lag_ms_p50": None,
+                "web_note": "the page showed no progress change within the watch"}
+    return {"web_update_lag_ms_p50": rounded(statistics.median(from_beat) * 1000, 1),
+            "web_update_lag_ms_p99": rounded(percentile([t * 1000 for t in from_beat], 0.99), 1),
+            "web_update_lag_ms_p50_disk": rounded(statistics.median(from_disk) * 1000, 1)
+            if from_disk else None,
+            "web_update_samples": len(from_beat)}

@@ -1,14 +1,15 @@
 """Prometheus metrics of one supervised run, served on loopback when ``metrics_addr`` is set.
 
     metrics = RunMetrics.for_run(run)          # its own registry, never the global one
-    metrics.serve("127.0.0.1:9108")            # a daemon thread answers GET /metrics
+    metrics.serve("127.0.0.1:9108")            # GET /metrics, from the shared HTTP thread
     metrics.update_from_status(sup.status())   # each status turn
     metrics.beat(now); metrics.checkpoint_acked(0.004); metrics.restart("crashed")
     metrics.close()
 
 Every series carries the constant label ``run_id``; docs/metrics.md lists them. The run
 loop only sets numbers here; the HTTP thread reads them, so a slow scraper never holds
-up supervision.
+up supervision. Serving is ``nkat.supervisor.web.server``'s (aiohttp, bounded connections,
+idle timeout), imported only by :meth:`RunMetrics.serve`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from nkat.supervisor.policies.restart_policy import ExitClass
 from nkat.supervisor.rundir import RunDir
+from nkat.supervisor.web.access import parse_addr as _parse_addr
 
 NKAT_JOB = "nkat-highdim"
 NKAT_DEFAULT_UNIT_DIMS = 1 << 16  # the job's default, for a spec that does not name it
@@ -31,17 +33,17 @@ NKAT_DEFAULT_UNIT_DIMS = 1 << 16  # the job's default, for a spec that does not 
 RESTART_REASONS = tuple(c.value for c in (ExitClass.CRASHED, ExitClass.HUNG, ExitClass.OOM,
                                           ExitClass.PLANNED, ExitClass.THERMAL)) + ("other",)
 UP_STATES = frozenset({"running", "paused"})
+# Prometheus and an operator's curl: a few connections at once are plenty.
+METRICS_MAX_CONNECTIONS = 16
 # An fdatasync on a laptop SSD takes about a millisecond; a sick disk, seconds.
 ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                2.5, 5.0, 10.0)
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` (``[::1]:9108`` for IPv6) as the pair the HTTP server binds."""
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"metrics_addr: expected host:port, got {addr!r}")
-    return host.strip("[]"), int(port)
+    """``host:port`` (``[::1]:9108`` for IPv6) as the pair the HTTP server binds;
+    ValueError (``AccessError``) for anything else."""
+    return _parse_addr(addr, "metrics_addr")
 
 
 def nkat_dims(spec: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -69,7 +71,6 @@ class RunMetrics:
         self.clock = clock
         self.registry = CollectorRegistry()
         self._server: Any = None
-        self._thread: Any = None
         self._last_beat: float | None = None
         reg, lbl = self.registry, ["run_id"]
 
@@ -116,21 +117,36 @@ class RunMetrics:
         return cls(run.run_id, dims_per_unit=dims[0], dims_total=dims[1])
 
     # Serving --------------------------------------------------------------------------
-    def serve(self, addr: str) -> None:
-        """Answer ``GET /metrics`` on ``addr`` from a daemon thread. OSError if the port
-        cannot be bound (the caller logs it and supervises on without metrics)."""
-        host, port = parse_addr(addr)
-        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+    def serve(self, addr: str, *, max_connections: int = METRICS_MAX_CONNECTIONS,
+              idle_timeout: float | None = None) -> None:
+        """Answer ``GET /metrics`` on ``addr``. OSError if the port cannot be bound (the
+        caller logs it and supervises on without metrics)."""
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from nkat.supervisor.web.server import DEFAULT_IDLE_TIMEOUT, HttpServer
+
+        registry = self.registry
+
+        async def metrics(_request: web.Request) -> web.Response:
+            # Collecting a few dozen series takes microseconds: done on the loop itself.
+            return web.Response(body=generate_latest(registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        server = HttpServer(addr, [web.get("/metrics", metrics), web.get("/", metrics)],
+                            max_connections=max_connections, what="metrics_addr",
+                            idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT)
+        server.start()
+        self._server = server
 
     @property
     def port(self) -> int | None:
         """The bound port (useful with port 0), or None when not serving."""
-        return None if self._server is None else int(self._server.server_port)
+        return None if self._server is None else self._server.port
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
     # Updates from the run loop ------------------------------------------------------------

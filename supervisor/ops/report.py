@@ -59,15 +59,23 @@ def _nkat_dims(spec: dict[str, Any]) -> tuple[int, int] | None:
     return nkat_dims(spec)
 
 
-def read_timeline(run: RunDir, scale: float) -> Timeline:
-    """Rates are per worker epoch, from its start (``worker.started`` carries where it
-    resumed) and each durable checkpoint, times ``scale`` (dimensions per unit, or 1)."""
-    tl = Timeline()
-    last_point: dict[int, tuple[float, int]] = {}
-    for _line, rec in read_log(run.log_file):
+class TimelineReader:
+    """Builds a :class:`Timeline` from log records fed oldest first: ``read_timeline`` feeds
+    a whole log, the status page the lines written since its last look.
+
+    Rates are per worker epoch, from its start (``worker.started`` carries where it resumed)
+    and each durable checkpoint, times ``scale`` (dimensions per unit, or 1)."""
+
+    def __init__(self, scale: float) -> None:
+        self.timeline = Timeline()
+        self.scale = scale
+        self._last_point: dict[int, tuple[float, int]] = {}
+
+    def feed(self, rec: dict[str, Any]) -> None:
+        tl = self.timeline
         when = line_time(rec)
         if when is None:
-            continue
+            return
         if tl.start is None:
             tl.start = when
         t = when - tl.start
@@ -78,10 +86,11 @@ def read_timeline(run: RunDir, scale: float) -> Timeline:
         units = rec.get("units_done")
         if event in ("worker.started", CHECKPOINT_EVENT) and isinstance(units, int) \
                 and isinstance(epoch, int):
-            before = last_point.get(epoch)
+            before = self._last_point.get(epoch)
             if before is not None and t > before[0]:
-                tl.rates.append((before[0], t, (units - before[1]) / (t - before[0]) * scale))
-            last_point[epoch] = (t, units)
+                tl.rates.append((before[0], t,
+                                 (units - before[1]) / (t - before[0]) * self.scale))
+            self._last_point[epoch] = (t, units)
             if event == CHECKPOINT_EVENT:
                 tl.checkpoints.append(t)
         temperature = rec.get("temperature")
@@ -96,7 +105,14 @@ def read_timeline(run: RunDir, scale: float) -> Timeline:
             tl.thermal_stops.append(t)
         if event.startswith("thermal."):
             tl.thermal_counts[event] += 1
-    return tl
+
+
+def read_timeline(run: RunDir, scale: float) -> Timeline:
+    """The timeline of the run's whole log (see :class:`TimelineReader`)."""
+    reader = TimelineReader(scale)
+    for _line, rec in read_log(run.log_file):
+        reader.feed(rec)
+    return reader.timeline
 
 
 # Plots -------------------------------------------------------------------------------------
@@ -180,7 +196,7 @@ def _finish_timeline(ax: Any, tl: Timeline, divisor: float, unit: str, ylabel: s
 
 
 # Summary -------------------------------------------------------------------------------------
-def _scalar_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
+def scalar_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
     """The result's figures: scalars at the top and one or two levels down (no curve)."""
     rows: list[tuple[str, Any]] = []
 
@@ -232,7 +248,7 @@ def write_summary(path: Path, run: RunDir, status: dict[str, Any], tl: Timeline,
         lines.append("No result yet: the run has not completed.")
     else:
         lines += ["| figure | value |", "| --- | --- |"]
-        lines += [f"| {key} | {_fmt(value)} |" for key, value in _scalar_rows(result)]
+        lines += [f"| {key} | {_fmt(value)} |" for key, value in scalar_rows(result)]
     lines += ["", "## Plots", ""]
     lines += [f"- [{name}]({name})" for name in written] or ["none"]
     if notes:

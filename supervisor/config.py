@@ -97,13 +97,20 @@ class GpuSettings:
 
 @dataclasses.dataclass(frozen=True)
 class OperatorSettings:
-    """What the operator sees: the log and the metrics endpoint."""
+    """What the operator sees: the log, the metrics endpoint and the status page."""
 
     log_max_bytes: int = setting(16 * 1024 * 1024, "rotate the JSON log at this size",
                                  role=_SUP, low=4096, high=2**40)
     log_backups: int = setting(5, "rotated JSON logs kept", role=_SUP, low=0, high=1000)
     metrics_addr: str | None = setting(None, "serve Prometheus metrics on this loopback "
                                              "host:port", role=_SUP)
+    http_addr: str | None = setting(None, "serve this run's read-only status page on "
+                                          "host:port (loopback, unless http_token_file is "
+                                          "set)", role=_SUP)
+    http_token_file: str | None = setting(None, "file holding the token a reader of the "
+                                                "status page must present (at least 16 of "
+                                                "A-Z a-z 0-9 . _ ~ -); required when "
+                                                "http_addr is not loopback", role=_SUP)
 
 
 #: Every settings dataclass whose declared fields are config keys, in the table's order.
@@ -210,6 +217,14 @@ def check_relations(values: Mapping[str, Any]) -> None:
                 or not 0 < int(port) < 65536:
             raise ConfigError(f"metrics_addr: must be a loopback host:port such as "
                               f"127.0.0.1:9108, got {addr!r}")
+    if values["http_addr"] is not None or values["http_token_file"] is not None:
+        from nkat.supervisor.web.access import AccessError, listen_token
+
+        try:  # reads the token file: a missing or weak token is a config error, exit 2
+            listen_token(values["http_addr"] or "127.0.0.1:0", values["http_token_file"],
+                         "http_addr")
+        except AccessError as exc:
+            raise ConfigError(str(exc)) from None
     # Each settings class checks its own fields together too (its __post_init__).
     for cls in SOURCES:
         names = [f.name for f in dataclasses.fields(cls) if f.name in values]

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from nkat.supervisor.notifier import Notifier
     from nkat.supervisor.ops.metrics import RunMetrics
     from nkat.supervisor.preemption_watch import PreemptionWatch
+    from nkat.supervisor.web.page import StatusPage
 
 #: How long the supervisor waits, on its way out, for the last notifications to go out.
 NOTIFY_FLUSH_S = 10.0
@@ -275,6 +276,7 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
         say(advice)
     probe = open_probe(config, sim_gpu, log, say, time.monotonic())
     metrics = _start_metrics(run, config, log, say)
+    page = _start_page(run, config, log, say)
     display = None if quiet else ProgressDisplay(sys.stdout)
     notifier, preemption = _remote_watchers(config, log)
     durable = Durable(latest.ckpt_seq, latest.units_done, latest.t_wall) if latest else Durable()
@@ -304,6 +306,8 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
             preemption.close()
         if notifier:
             notifier.close(timeout=NOTIFY_FLUSH_S)  # the final event reaches its receiver
+        if page:
+            page.close()
     _say_outcome(say, run, controller)
     return code
 
@@ -379,6 +383,28 @@ def _remote_watchers(config: Config, log: Any) -> tuple[Notifier | None,
 
         preemption = PreemptionWatch(preempt, log)
     return notifier, preemption
+
+
+def _start_page(run: RunDir, config: Config, log: Any, say: Any) -> StatusPage | None:
+    """The run's status page at ``http_addr``, or None. A port that cannot be bound is
+    logged and the run goes on without the page, as without metrics."""
+    addr = config["http_addr"]
+    if not addr:
+        return None
+    from nkat.supervisor.web.access import AccessError  # no aiohttp: always importable
+
+    try:
+        from nkat.supervisor.web.page import StatusPage
+
+        page = StatusPage.for_run(run, addr, token_file=config["http_token_file"])
+        page.start()
+    except (ImportError, OSError, AccessError) as exc:
+        log.warning("http.unavailable", addr=addr, error=str(exc))
+        say(f"status page {addr} unavailable: {exc}; the run goes on without it")
+        return None
+    log.info("http.serving", addr=addr, url=page.url)
+    say(f"status page on {page.url}")
+    return page
 
 
 def _start_metrics(run: RunDir, config: Config, log: Any, say: Any) -> RunMetrics | None:

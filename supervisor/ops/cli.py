@@ -20,7 +20,7 @@ from typing import Any
 from nkat.supervisor import control
 from nkat.supervisor.config import KEYS, ConfigError, check_wire, load_config
 from nkat.supervisor.exitcode import ExitCode
-from nkat.supervisor.ops import logview, report, runs, service
+from nkat.supervisor.ops import logview, report, runs, serve, service
 from nkat.supervisor.ops.progress import ENDED, status_lines
 from nkat.supervisor.ops.stdout import silence_stdout
 from nkat.supervisor.oslimits import FdLimitError, ensure_nofile
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("runs", runs, "list runs; rm removes one, prune removes old finished ones"),
             ("logs", logview, "show a run's JSON log; -f follows it across rotations"),
             ("report", report, "write PNG plots and a summary of a run"),
+            ("serve", serve, "serve a read-only web page of every run, for a browser or a phone"),
             ("install-service", service,
              "install a systemd unit that resumes interrupted runs at boot")):
         p = add(name, module.run, help)

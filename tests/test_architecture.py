@@ -53,3 +53,21 @@ def test_packages_import_in_one_direction():
             for name in forbidden:
                 assert f"import {name}" not in text and f"from {name}" not in text, \
                     f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_the_event_kinds_documented_are_exactly_those_the_code_writes():
+    import re
+
+    from nkat.supervisor.journal import EventKind
+
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("Event kinds"):doc.index("Logs written before")]
+    documented = {k for pair in re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)?", table, re.M)
+                  for k in pair if k}
+    assert documented == {k.value for k in EventKind}
+    code = "\n".join(p.read_text() for p in (REPO / "supervisor").rglob("*.py")
+                     if p.name != "journal.py")
+    written = {k.value for k in EventKind if f"EventKind.{k.name}" in code}
+    # gave_up is written through Event.gave_up(...)
+    written |= {"gave_up"} if "Event.gave_up(" in code else set()
+    assert written == documented, f"documented but never written: {documented - written}"

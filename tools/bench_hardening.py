@@ -1,6 +1,8 @@
 """Hardening figures for ``python tools/bench.py hardening`` (issue 10): each part runs
 one family of attacks or damage and reports how many cases ran and how many ended in a
-wrong state. PARTS lists them; a part is ``(args) -> dict`` of figures.
+wrong state. PARTS lists them; a part is ``(args) -> dict`` of figures. The run loop's
+parts (forged messages, checkpoint gaps, a metrics flood, malformed configs) are in
+``bench_hardening_loop``.
 
 WAL damage (``corruption_cases``, ``corruption_wrong_state``: must be 0): the damage
 campaign of ``nkat.supervisor.wal.testing.corruption`` on a stopped run's log of two
@@ -25,6 +27,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import bench_hardening_loop  # run as a script: tools/ is on the path
 
 from nkat.supervisor.wal import RealIO, RecordType, Wal
 from nkat.supervisor.wal.testing.corruption import run_damage_campaign
@@ -85,7 +89,7 @@ def start_without_fallocate(args: argparse.Namespace) -> dict[str, object]:
 
 
 PARTS: tuple[Callable[[argparse.Namespace], dict[str, object]], ...] = (
-    wal_damage, start_without_fallocate)
+    wal_damage, start_without_fallocate, *bench_hardening_loop.PARTS)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

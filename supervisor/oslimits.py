@@ -29,8 +29,10 @@ def io_advice(exc: BaseException) -> str:
 #: (``MAX_PEERS`` each on sock/worker and sock/control), the HTTP servers' bounded
 #: connections, the WAL, the log, the worker's pipes, and room to spare.
 MIN_NOFILE = 256
-#: What the soft limit is raised to when the hard limit allows (systemd's default).
-WANT_NOFILE = 4096
+#: What the soft limit is raised to when the hard limit allows: far above anything the
+#: supervisor holds, so that libzmq (which aborts when accept() meets EMFILE) never gets
+#: near the limit even while its sockets are being flooded.
+WANT_NOFILE = 1 << 16
 
 
 class FdLimitError(RuntimeError):
@@ -50,6 +52,6 @@ def ensure_nofile(minimum: int = MIN_NOFILE, want: int = WANT_NOFILE) -> int:
     if soft != resource.RLIM_INFINITY and soft < minimum:
         raise FdLimitError(
             f"this process may open only {soft} files (ulimit -n; hard limit {hard}); the "
-            f"supervisor needs at least {minimum}: raise it (ulimit -n {WANT_NOFILE}, or "
-            f"LimitNOFILE={WANT_NOFILE} in a systemd unit) and run start again")
+            f"supervisor needs at least {minimum}: raise it (ulimit -n 4096, or "
+            f"LimitNOFILE=4096 in a systemd unit) and run start again")
     return int(soft)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked f
 
 POLL_MS = 100
 MAX_IPC_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
-#: Connections each of sock/worker and sock/control may hold (each costs a file handle).
+#: Connections sock/control may hold (each costs a file handle); sock/worker twice that.
 MAX_PEERS = 32
 _SIGNALS: dict[int, c.RunSignal] = {
     signal.SIGTERM: c.RunSignal.TERM, signal.SIGINT: c.RunSignal.INT,
@@ -139,8 +139,8 @@ class Shell:
         try:
             # No handover: a second connection claiming a worker's routing id is refused.
             self.wrouter = BoundedRouter(self.ctx, self.run_dir.endpoint("worker"),
-                                         max_peers=MAX_PEERS, max_bytes=m.MAX_MESSAGE_BYTES,
-                                         refuse=False)
+                                         max_peers=2 * MAX_PEERS, refuse=True,
+                                         max_bytes=m.MAX_MESSAGE_BYTES)
             self.crouter = BoundedRouter(self.ctx, self.run_dir.endpoint("control"),
                                          max_peers=MAX_PEERS, refuse=True,
                                          max_bytes=control.MAX_REQUEST_BYTES)

@@ -232,8 +232,10 @@ def test_cuda_kernel_matches_numpy_and_ignores_batches(fake_cupy, mode, lo, hi, 
 def test_cuda_source_compiles_with_nvcc(tmp_path, dtype, precision):
     src = tmp_path / "nkat.cu"
     src.write_text(nkat_cuda.source(dtype, precision))
-    subprocess.run(["nvcc", "--std=c++14", "-c", str(src), "-o", str(tmp_path / "nkat.o")],
-                   check=True, capture_output=True)
+    done = subprocess.run(["nvcc", "--std=c++14", "-c", str(src), "-o",
+                           str(tmp_path / "nkat.o")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "nkat.o").stat().st_size > 0
 
 
 def test_cuda_ties_go_to_the_first_dimension(fake_cupy):

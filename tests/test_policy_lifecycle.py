@@ -68,6 +68,7 @@ def test_kill_failed_only_after_signals() -> None:
 ])
 def test_supervisor_paths_are_legal(path: list[WorkerState]) -> None:
     for src, dst in itertools.pairwise(path):
+        assert can_transition(src, dst), f"{src} -> {dst}"
         check_transition(src, dst)
 
 
@@ -87,4 +88,5 @@ def test_illegal_moves_raise_naming_both_states(src: WorkerState, dst: WorkerSta
 
 @pytest.mark.parametrize("action", list(RestartAction))
 def test_every_restart_decision_is_a_legal_move_from_exited(action: RestartAction) -> None:
-    check_transition(W.EXITED, Decision(action, 0.0, "", ExitClass.CRASHED).next_state)
+    target = Decision(action, 0.0, "", ExitClass.CRASHED).next_state
+    assert can_transition(W.EXITED, target), target

@@ -29,10 +29,15 @@ from tests.jobs.toy import Toy
 
 
 def test_failpoint_grammar_accepts_every_documented_kind():
-    Failpoints.parse(
+    parsed = Failpoints.parse(
         "crash@unit=50:code=1; hang_gil@unit=30;hang_nogil@unit=30;stall@unit=10:seconds=5;"
         "ignore_sigterm;oom@unit=20:times=1;cuda_sticky@unit=40;crash@unit=50:signal=SIGKILL;"
         "crash@unit=50:signal=9;error@unit=7:epoch=2;stall@start:seconds=0.5;", epoch=1)
+    kinds = {point.kind for point in parsed.points}
+    # error@…:epoch=2 is another epoch's: not planted in epoch 1.
+    assert kinds == {"crash", "hang_gil", "hang_nogil", "stall", "ignore_sigterm", "oom",
+                     "cuda_sticky"}
+    assert len(parsed.points) == 10
 
 
 def test_failpoints_fire_only_in_their_epoch():

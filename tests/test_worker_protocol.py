@@ -191,7 +191,8 @@ def test_free_memory_halves_the_batch(sup):
     sup.start(SLOW, settings={"batch_size": 16})
     sup.expect(Beat, where=lambda b: b.metrics["batch_units"] == 16)
     sup.cmd("free_memory")
-    sup.expect(Beat, where=lambda b: b.metrics["batch_units"] == 8, timeout=3)
+    halved = sup.expect(Beat, where=lambda b: b.metrics["batch_units"] < 16, timeout=3)
+    assert halved.metrics["batch_units"] == 8
 
 
 def test_unacknowledged_done_is_resent_then_the_worker_leaves_orphaned(sup):

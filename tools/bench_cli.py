@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from benchlib import (
     LogTail,
     SupervisedRun,
     cli_command,
+    p50,
     percentile,
     rounded,
     ts_wall,
@@ -110,8 +110,8 @@ def status_latency(live: SupervisedRun, command: list[str], runs: int,
         inproc.append(time.perf_counter() - started)
         if not reply.get("ok"):
             raise RuntimeError(f"bench: status request failed: {reply}")
-    return {"status_latency_ms_p50": rounded(statistics.median(walls) * 1000, 1),
-            "status_latency_ms_p50_inprocess": rounded(statistics.median(inproc) * 1000, 3),
+    return {"status_latency_ms_p50": rounded(p50(walls) * 1000, 1),
+            "status_latency_ms_p50_inprocess": rounded(p50(inproc) * 1000, 3),
             "status_latency_ms_p99_inprocess": rounded(
                 percentile([t * 1000 for t in inproc], 0.99), 3),
             "status_latency_runs": runs}
@@ -152,7 +152,7 @@ def logs_follow_lag(live: SupervisedRun, command: list[str], lines: int) -> dict
     if not lags:
         return {"logs_follow_lag_ms_p50": None,
                 "logs_follow_note": "logs -f printed no new line within the wait"}
-    return {"logs_follow_lag_ms_p50": rounded(statistics.median(lags) * 1000, 1),
+    return {"logs_follow_lag_ms_p50": rounded(p50(lags) * 1000, 1),
             "logs_follow_lag_ms_p99": rounded(percentile([t * 1000 for t in lags], 0.99), 1),
             "logs_follow_lines": len(lags)}
 
@@ -160,11 +160,11 @@ def logs_follow_lag(live: SupervisedRun, command: list[str], lines: int) -> dict
 def start_to_first_progress(base: Path, command: list[str], runs: int) -> dict[str, Any]:
     samples = [_first_progress(base, command, f"fresh-{n}") for n in range(runs)]
     return {
-        "start_to_first_progress_s": rounded(statistics.median(s["beat"] for s in samples)),
-        "start_to_first_progress_s_ckpt": rounded(statistics.median(s["ckpt"]
+        "start_to_first_progress_s": rounded(p50(s["beat"] for s in samples)),
+        "start_to_first_progress_s_ckpt": rounded(p50(s["ckpt"]
                                                                     for s in samples)),
         "start_breakdown_p50": {
-            part: rounded(statistics.median(s[part] for s in samples))
+            part: rounded(p50(s[part] for s in samples))
             for part in ("supervisor_up", "spawned", "welcomed", "first_beat")},
         "start_runs": runs,
     }
@@ -282,9 +282,9 @@ def _first_paint(context: Any, url: str, pages: int) -> dict[str, Any]:
         page.close()
         paints.append(entries[0])
         shown.append(entries[1])
-    return {"web_first_paint_ms": rounded(statistics.median(paints), 1),
+    return {"web_first_paint_ms": rounded(p50(paints), 1),
             "web_first_paint_ms_cold": rounded(paints[0], 1),
-            "web_first_data_ms": rounded(statistics.median(shown), 1),
+            "web_first_data_ms": rounded(p50(shown), 1),
             "web_pages": pages}
 
 
@@ -347,8 +347,8 @@ def _update_lag(context: Any, url: str, live: SupervisedRun, watch_s: float) -> 
     if not from_beat:
         return {"web_update_lag_ms_p50": None,
                 "web_note": "the page showed no progress change within the watch"}
-    return {"web_update_lag_ms_p50": rounded(statistics.median(from_beat) * 1000, 1),
+    return {"web_update_lag_ms_p50": rounded(p50(from_beat) * 1000, 1),
             "web_update_lag_ms_p99": rounded(percentile([t * 1000 for t in from_beat], 0.99), 1),
-            "web_update_lag_ms_p50_disk": rounded(statistics.median(from_disk) * 1000, 1)
+            "web_update_lag_ms_p50_disk": rounded(p50(from_disk) * 1000, 1)
             if from_disk else None,
             "web_update_samples": len(from_beat)}

@@ -56,6 +56,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchlib import percentile  # run as a script: tools/ is on the path
+
 from nkat.supervisor.gpu.nvml import NvmlSensor
 from nkat.supervisor.gpu.scripted import ScriptedSensor
 from nkat.supervisor.gpu.sensor import GpuUnavailable
@@ -106,8 +108,10 @@ def _poll_ms(read: Callable[[float], object], polls: int) -> list[float]:
     return sorted(times)
 
 
-def _pct(sorted_ms: list[float], q: float) -> float:
-    return round(sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))], 4)
+
+
+def _pct_ms(sorted_ms: list[float], q: float) -> float:
+    return round(percentile(sorted_ms, q) or 0.0, 4)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -134,17 +138,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         pass
     else:
         try:
-            real_p99 = _pct(_poll_ms(lambda now: real_sensor.read(0, now), polls // 20), 0.99)
+            real_p99 = _pct_ms(_poll_ms(lambda now: real_sensor.read(0, now), polls // 20), 0.99)
         finally:
             real_sensor.close()
 
     return {
         **_thermal_figures(),
-        "sensor_poll_ms_p50": _pct(mocked, 0.50),
-        "sensor_poll_ms_p99": _pct(mocked, 0.99),
+        "sensor_poll_ms_p50": _pct_ms(mocked, 0.50),
+        "sensor_poll_ms_p99": _pct_ms(mocked, 0.99),
         "sensor_poll_ms_p99_real": real_p99,
         "nvml_calls_per_poll": round(calls_per_poll, 2),
-        "scripted_poll_ms_p99": _pct(scripted_ms, 0.99),
+        "scripted_poll_ms_p99": _pct_ms(scripted_ms, 0.99),
         "sensor_polls": polls,
     }
 

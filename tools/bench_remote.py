@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from benchlib import p50  # run as a script: tools/ is on the path
 
 from nkat.supervisor.notifier import Notifier
 from nkat.supervisor.notify import NotifyEvent, NotifySettings
@@ -90,10 +91,10 @@ def preempt_seen_ms(cloud: str, trials: int, interval: float = 1.0) -> list[floa
 def run(args: argparse.Namespace) -> dict[str, float]:
     trials = 5 if args.quick else 20
     lags = notify_lag_ms(trials)
-    figures = {"notify_lag_ms_p50": round(statistics.median(lags), 2),
+    figures = {"notify_lag_ms_p50": round(p50(lags), 2),
                "notify_lag_ms_max": round(max(lags), 2)}
     for cloud in CLOUDS:
         seen = preempt_seen_ms(cloud, 3 if args.quick else 10)
-        figures[f"preempt_notice_to_seen_ms_p50_{cloud}"] = round(statistics.median(seen), 1)
+        figures[f"preempt_notice_to_seen_ms_p50_{cloud}"] = round(p50(seen), 1)
         figures[f"preempt_notice_to_seen_ms_max_{cloud}"] = round(max(seen), 1)
     return figures

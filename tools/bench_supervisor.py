@@ -73,6 +73,7 @@ from benchlib import (
     SupervisedRun,
     children_cpu_seconds,
     cpu_seconds,
+    p50,
     peak_rss_bytes,
     percentile,
     rounded,
@@ -187,15 +188,15 @@ def recovery(base: Path, kills: int, *, restart_delay: float | None = None,
         run.cleanup()
     totals = [s["total"] for s in samples]
     key = f"recovery_s_p50{suffix}"
-    out: dict[str, Any] = {key: rounded(statistics.median(totals)),
+    out: dict[str, Any] = {key: rounded(p50(totals)),
                            f"recovery_s_max{suffix}": rounded(max(totals)),
                            f"recovery_kills{suffix}": len(samples)}
     if not suffix:
         out["recovery_breakdown_p50"] = {
-            part: rounded(statistics.median(s[part] for s in samples))
+            part: rounded(p50(s[part] for s in samples))
             for part in ("detect", "backoff", "startup", "first_batch")}
         out["recovery_restart_delay_s_p50"] = rounded(
-            statistics.median(s["delay"] for s in samples))
+            p50(s["delay"] for s in samples))
     return out
 
 
@@ -233,9 +234,9 @@ def hangs(base: Path, trials: int) -> dict[str, Any]:
                            "hang_trials": len(overs), "hang_deadline_s": HANG_DEADLINE_S}
     for kind, results in found.items():
         out[f"hang_{kind}_over_deadline_s_p50"] = rounded(
-            statistics.median(t["over"] for t in results))
+            p50(t["over"] for t in results))
         out[f"hang_{kind}_overdue_s_log_p50"] = rounded(
-            statistics.median(t["overdue"] for t in results))
+            p50(t["overdue"] for t in results))
     return out
 
 

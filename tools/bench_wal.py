@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+
+from benchlib import p50  # run as a script: tools/ is on the path
 
 from nkat.supervisor.wal import RealIO, RecordType, Wal, verify
 from nkat.supervisor.wal.format import frame_size, pack_payload
@@ -107,8 +108,8 @@ def _append_rates(base: Path, rounds: int, per_round: int) -> tuple[float, float
     finally:
         os.close(fd)
         wal.close()
-    return (statistics.median(ratios), statistics.median(wal_rates),
-            statistics.median(raw_rates), new_segment)
+    return (p50(ratios), p50(wal_rates),
+            p50(raw_rates), new_segment)
 
 
 class _NoSyncIO(RealIO):
@@ -144,7 +145,7 @@ def _recover_times(base: Path) -> tuple[float, float, int]:
         start = time.perf_counter()
         Wal.open(wal_dir, blob_dir, segment_size=SEGMENT_BYTES).close()
         warms.append(time.perf_counter() - start)
-    return statistics.median(colds), statistics.median(warms), records
+    return p50(colds), p50(warms), records
 
 
 def _sparse_open(base: Path) -> tuple[float, int]:
@@ -172,7 +173,7 @@ def _sparse_open(base: Path) -> tuple[float, int]:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    return statistics.median(times), peak
+    return p50(times), peak
 
 
 def _evict(path: Path) -> None:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -357,12 +357,21 @@ def events_of(path: Path) -> Iterator[dict[str, Any]]:
     yield from LogTail(path).read()
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in [0, 1]); None for no values."""
-    if not values:
-        return None
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 1]): the one definition every bench uses, p50
+    included (a value that was measured, never an average of two); None for no values."""
     ordered = sorted(values)
+    if not ordered:
+        return None
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def p50(values: Iterable[float]) -> float:
+    """The nearest-rank median of at least one value."""
+    value = percentile(values, 0.5)
+    if value is None:
+        raise ValueError("p50 of no values")
+    return value
 
 
 def rounded(value: float | None, digits: int = 3) -> float | None:

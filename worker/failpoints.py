@@ -66,6 +66,11 @@ class Failpoints:
     def __init__(self, points: list[Failpoint], epoch: int) -> None:
         self._points = [p for p in points if p.epoch is None or p.epoch == epoch]
 
+    @property
+    def points(self) -> tuple[Failpoint, ...]:
+        """The failpoints of this epoch, in the order given."""
+        return tuple(self._points)
+
     @classmethod
     def parse(cls, text: str, epoch: int) -> Failpoints:
         return cls([_parse_entry(e.strip()) for e in text.split(";") if e.strip()], epoch)

@@ -35,14 +35,15 @@ from dataclasses import asdict
 from types import ModuleType
 from typing import Any, TextIO
 
+from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.gpu.host import WSL2_KNOWN_GAPS, Host, detect
 from nkat.supervisor.gpu.nvml import NvmlSensor
 from nkat.supervisor.gpu.scripted import ProfileError, ScriptedSensor
 from nkat.supervisor.gpu.sensor import GpuSensor, GpuUnavailable, Reading, reason_names
 
-EXIT_OK = 0
-EXIT_NO_GPU = 1
-EXIT_BAD_PROFILE = 2
+#: Exit codes: 0 a GPU was read, 1 none can be read (a run then goes on with GPU checks
+#: off), 2 the --sim-gpu profile is unusable.
+EXIT_OK, EXIT_NO_GPU, EXIT_BAD_PROFILE = ExitCode.OK, ExitCode.CHECK_FAILED, ExitCode.USAGE
 
 _GIB = float(1 << 30)
 

@@ -9,6 +9,7 @@ not an error: the command stops quietly, with its own exit code if it had finish
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume only runs that were running when the machine went down")
     p.add_argument("--share-gpu", action="store_true",
                    help="start even though another live run computes on the same GPU")
+    # --detach's child supervises the run its parent has just created (a first start).
+    p.add_argument("--created", action="store_true", help=argparse.SUPPRESS)
 
     for name, help in (("stop", "stop a running supervisor gracefully (final checkpoint)"),
                        ("pause", "pause the worker (it keeps its GPU state)"),
@@ -173,7 +176,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             check_gpu_free(state, plan.config)
     run = plan.run or plan.create(state)
     if args.detach and plan.how != "completed":
-        return _detach(args, run)
+        return _detach(args, run, created=plan.how == "new")
+    if args.created and plan.how == "resume":
+        plan = dataclasses.replace(plan, how="new")
     try:
         code = launch_run(run, plan.config, how=plan.how, quiet=args.quiet,
                           sim_gpu=args.sim_gpu, salvage=args.salvage)
@@ -194,9 +199,11 @@ def _ever_ran(run: RunDir) -> bool:
         return True  # unreadable: keep it for `verify` to look at
 
 
-def _detach(args: argparse.Namespace, run: RunDir) -> int:
+def _detach(args: argparse.Namespace, run: RunDir, *, created: bool) -> int:
     argv = [sys.executable, "-m", "nkat.supervisor", "start", "--run-id", run.run_id,
             "--state-dir", str(run.path.parent.parent), "--quiet"]
+    if created:
+        argv.append("--created")
     if args.config:
         argv += ["--config", str(args.config)]
     for option in args.set:

@@ -117,8 +117,9 @@ def finalize_shards(spec: Mapping[str, Any], shards: Sequence[Shard],
                     provenance: Mapping[str, Any]) -> dict[str, Any]:
     """The result of the whole job from shards that tile its units, in any order.
 
-    ``provenance`` may give backend, device, epochs and restarts (summed over the
-    shards' runs by the caller); performance comes from the shards' counters.
+    ``provenance`` may give backend, backends (every one the run used), device, epochs
+    and restarts (over the shards' runs, by the caller); performance comes from the
+    shards' counters.
     """
     job = _job(spec)
     _check_ranges(shards, job.units_total())
@@ -127,6 +128,7 @@ def finalize_shards(spec: Mapping[str, Any], shards: Sequence[Shard],
         backend=str(provenance.get("backend", "")), device=str(provenance.get("device", "")),
         epochs=int(provenance.get("epochs", len(shards))),
         restarts=int(provenance.get("restarts", 0)),
+        backends=tuple(str(b) for b in provenance.get("backends", ())),
         compute_seconds=counters["compute_seconds"],
         peak_memory_bytes=counters["peak_memory_bytes"], spec_hash=spec_hash(dict(spec)),
         extra={"units_total": job.units_total(), "batches": counters["batches"],

@@ -41,40 +41,45 @@ ENDED = {"completed": 0, "gave_up": 3, "kill_failed": 3, "stopped": 4, "interrup
 def status_lines(status: dict[str, Any], now_wall: float) -> list[tuple[str, str]]:
     """(label, value) rows for ``status``: numbers rounded for reading, a paused or ended
     run without a stale rate, ETA, checkpoint age and the supervisor's uptime."""
-    def num(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool)
-
-    state = str(status.get("state"))
-    done, total = status.get("units_done"), status.get("units_total")
-    progress = status.get("progress")
-    rows = [("run", str(status.get("run_id"))), ("state", f"{state} ({status.get('source')})"),
+    state, source = str(status.get("state")), status.get("source")
+    done, total = _number(status.get("units_done")), _number(status.get("units_total"))
+    progress = _number(status.get("progress"))
+    rows = [("run", str(status.get("run_id"))), ("state", f"{state} ({source})"),
             ("epoch", str(status.get("epoch"))), ("restarts", str(status.get("restarts", 0)))]
-    units = f"{done:,} of {total:,}" if num(done) and num(total) else "-"
-    rows.append(("progress", (f"{progress:.1%}, " if num(progress) else "") + f"units {units}"))
-    rate = status.get("dims_per_s") or status.get("units_per_s")
-    unit = "dims/s" if status.get("dims_per_s") else "units/s"
-    running = state == "running" and status.get("source") != "disk"
-    if not running:
+    units = f"{int(done):,} of {int(total):,}" if done is not None and total is not None \
+        else "-"
+    rows.append(("progress", (f"{progress:.1%}, " if progress is not None else "")
+                 + f"units {units}"))
+    dims, per_unit = _number(status.get("dims_per_s")), _number(status.get("units_per_s"))
+    rate, unit = (dims, "dims/s") if dims else (per_unit, "units/s")
+    if state != "running" or source == "disk":
         rows.append(("rate", f"- ({state})"))
-    elif num(rate) and rate > 0:
-        rows.append(("rate", f"{_si(float(rate))} {unit}"))
-        units_rate = status.get("units_per_s")
-        if num(done) and num(total) and num(units_rate) and units_rate > 0:
-            rows.append(("ETA", _duration((total - done) / units_rate)))
-    seq, last = status.get("durable_ckpt_seq"), status.get("last_checkpoint_wall")
-    age = f", {_duration(max(0.0, now_wall - last))} ago" if num(last) else ""
-    rows.append(("checkpoint", f"{seq or 'none yet'}{age if seq else ''}"))
+    elif rate:
+        rows.append(("rate", f"{_si(rate)} {unit}"))
+        if done is not None and total is not None and per_unit:
+            rows.append(("ETA", _duration((total - done) / per_unit)))
+    seq, last = status.get("durable_ckpt_seq"), _number(status.get("last_checkpoint_wall"))
+    age = f", {_duration(max(0.0, now_wall - last))} ago" if last is not None else ""
+    rows.append(("checkpoint", f"{seq}{age}" if seq else "none yet"))
     gpu = status.get("gpu") or {}
-    if num(gpu.get("temperature")):
-        rows.append(("GPU", f"{gpu['temperature']:.0f}°C, {gpu.get('thermal_state')}, duty "
+    temperature = _number(gpu.get("temperature"))
+    if temperature is not None:
+        rows.append(("GPU", f"{temperature:.0f}°C, {gpu.get('thermal_state')}, duty "
                             f"{gpu.get('duty')}"))
     if status.get("worker_pid"):
         rows.append(("worker pid", str(status["worker_pid"])))
-    pid, started = status.get("supervisor_pid"), status.get("supervisor_started_wall")
-    if pid and status.get("source") != "disk":
-        up = f", up {_duration(max(0.0, now_wall - started))}" if num(started) else ""
+    pid, started = status.get("supervisor_pid"), _number(status.get("supervisor_started_wall"))
+    if pid and source != "disk":
+        up = f", up {_duration(max(0.0, now_wall - started))}" if started is not None else ""
         rows.append(("supervisor", f"pid {pid}{up}"))
     return rows
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for null, text or a bool."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _si(x: float) -> str:

@@ -111,7 +111,7 @@ def build_base(*, done: bool = False, run: dict[str, Any] | None = None) -> Base
         if frame.rtype in (RecordType.CKPT, RecordType.CKPT_REF):
             ckpt_seqs[seq] = len(ckpt_seqs) + 1
     blobs = {int(p.name[:16], 16): p.name for p, ino in image.walk()
-             if p.parent == BLOB_DIR and ino != DIR}
+             if str(p.parent) == str(BLOB_DIR) and ino != DIR}
     return Base(image, states, records, ckpt_seqs, blobs)
 
 

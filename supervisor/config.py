@@ -89,6 +89,10 @@ class GpuSettings:
 
     gpu_index: int = setting(0, "which GPU (NVML index): the sensor watches it, the worker "
                                 "computes on it", role=_SUP, low=0, high=63)
+    gpus: str | None = setting(None, "several GPUs for one run: all, a count (the first N) "
+                                     "or NVML indices such as 0,2,3; the run is cut into "
+                                     "shards, several per GPU (null: one GPU, gpu_index)",
+                               role=_SUP)
     gpu_poll_interval: float = setting(1.0, "seconds between GPU readings", role=_SUP,
                                        low=0.05, high=60)
     gpu_log_interval: float = setting(10.0, "seconds between gpu.reading log events (what "

@@ -211,6 +211,14 @@ class PreemptionNoticed:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardsMerged:
+    """The shards' states merged into the run's result (or why they could not be)."""
+
+    result: Any
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Appended:
     """A WAL append's result; ``then`` is the effect's, handed back."""
 
@@ -224,7 +232,7 @@ class Appended:
 
 Input = (Start | Tick | WorkerMessage | MalformedMessage | WorkerSpawned | SpawnFailed
          | CheckpointLoaded | ControlRequest | SignalReceived | HealthReading | Appended
-         | PreemptionNoticed)
+         | PreemptionNoticed | ShardsMerged)
 
 
 # Effects -----------------------------------------------------------------------------------
@@ -274,10 +282,12 @@ class Spawn:
 
 @dataclasses.dataclass(frozen=True)
 class LoadCheckpoint:
-    """Read the newest durable checkpoint; answer with CheckpointLoaded."""
+    """Read the newest durable checkpoint (of ``shard``, in a sharded run); answer with
+    CheckpointLoaded."""
 
     worker: str
     epoch: int
+    shard: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +342,15 @@ class Count:
 
 
 @dataclasses.dataclass(frozen=True)
+class MergeShards:
+    """Merge the final states of these shards (the newest checkpoint of each) into the
+    run's result, as the job would; answer with ShardsMerged."""
+
+    shards: tuple[tuple[int, tuple[int, int]], ...]  # (index, [first, stop))
+    provenance: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class PinBackend:
     """Record in the run's own settings the backend it computes on from now on."""
 
@@ -361,7 +380,7 @@ class Finish:
 
 Effect = (Append | AppendCheckpoint | Send | SignalWorker | Spawn | LoadCheckpoint
           | ReleaseWorker | Reply | WriteStatus | WriteResult | Publish | Log | Count
-          | Notify | PinBackend | QuietDisplay | Finish)
+          | Notify | PinBackend | MergeShards | QuietDisplay | Finish)
 
 
 # Continuations of appends (what to do once a record is durable) ---------------------------
@@ -378,11 +397,19 @@ class _CheckpointDurable:
     ckpt_seq: int
     units_done: int
     size: int
+    shard: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardDurable:
+    worker: str
+    epoch: int
+    shard: int
 
 
 @dataclasses.dataclass(frozen=True)
 class _DoneDurable:
-    worker: str
+    worker: str | None  # None: a sharded run's merge, no worker waits for an ack
     epoch: int
     result: Any
 
@@ -404,6 +431,16 @@ class Durable:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """A shard of a sharded run as the shell found it: its unit range, its newest durable
+    checkpoint, and whether it is done."""
+
+    span: tuple[int, int]
+    durable: Durable = Durable()
+    done: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class RunFacts:
     """What the shell knows of the run when the controller starts: its id and spec, the
     newest epoch its WAL names (never reused), its newest durable checkpoint, and how
@@ -422,15 +459,21 @@ class RunFacts:
     #: What new workers are asked for: the run's pinned backend, an operator's switch, or
     #: ``auto`` before the first worker resolved it (the run is then pinned to its pick).
     backend: str = "auto"
+    #: A sharded run's shards (its unit range cut in pieces, several per GPU); empty: the
+    #: run is one piece, computed whole by one worker at a time (``durable`` is its).
+    shards: tuple[ShardPlan, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuInfo:
-    """A GPU the sensor opened: its NVML index, where readings come from, its limits."""
+    """A GPU the sensor opened: its NVML index, where readings come from, its limits, and
+    what it is called (``uuid``: how CUDA_VISIBLE_DEVICES names it, when known)."""
 
     index: int
     source: str
     thresholds: Thresholds
+    name: str | None = None
+    uuid: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,6 +562,22 @@ class GpuState:
 
 
 @dataclasses.dataclass
+class ShardState:
+    """One piece of the run: what is durable of it, whether it is done, and which worker
+    slot computes it now (None: free for the next slot that asks)."""
+
+    index: int
+    span: tuple[int, int] | None  # None: the whole job (a run that is not sharded)
+    durable: Durable
+    done: bool = False
+    owner: str | None = None
+
+    @property
+    def size(self) -> int | None:
+        return None if self.span is None else self.span[1] - self.span[0]
+
+
+@dataclasses.dataclass
 class WorkerSlot:
     """One worker position: the incarnation in it now (epoch, pid) and its policies."""
 
@@ -526,6 +585,8 @@ class WorkerSlot:
     gpu_index: int
     policy: RestartPolicy
     state: WorkerState = WorkerState.IDLE
+    shard: int | None = None  # the shard it computes (or resumes after a restart)
+    spawning: bool = False  # an epoch was begun; its process is being started
     epoch: int = 0
     pid: int | None = None
     token: str = ""
@@ -555,7 +616,7 @@ class RunState:
     workers: dict[str, WorkerSlot]
     gpus: dict[int, GpuState]
     epoch: int  # the newest epoch ever started (epochs are never reused)
-    durable: Durable
+    shards: list[ShardState]
     restarts: int = 0
     done_recorded: bool = False
     wal_failed: bool = False
@@ -568,6 +629,9 @@ class RunState:
     preempted: PreemptionNoticed | None = None
     backends: tuple[str, ...] = ()  # what workers have computed on, the newest last
     backend: str = "auto"  # what new workers are asked for
+    started: bool = False
+    merging: bool = False  # every shard is done: their states are being merged
+    stop_recorded: bool = False
     mono: float = 0.0
     wall: float | None = None
     next_status: float = 0.0
@@ -580,7 +644,9 @@ class RunController:
 
     def __init__(self, config: Config, facts: RunFacts,
                  gpus: Sequence[GpuInfo] = (), rng: random.Random | None = None,
-                 worker_ids: Sequence[str] = (SOLE_WORKER,)) -> None:
+                 slots: Sequence[tuple[str, int]] | None = None) -> None:
+        """``slots``: (worker id, GPU index) of each worker position; by default one,
+        ``w0``, on ``gpu_index``."""
         self.config = config
         self.facts = facts
         self._rng = rng or random.Random()
@@ -590,15 +656,20 @@ class RunController:
         resources = ResourceSettings.from_config(config)
         self._resources = resources
         thermal = ThermalSettings.from_config(config)
+        if slots is None:
+            slots = ((SOLE_WORKER, int(config["gpu_index"])),)
+        shards = [ShardState(k, plan.span, plan.durable, plan.done)
+                  for k, plan in enumerate(facts.shards)] or [
+            ShardState(0, None, facts.durable)]
         self.run = RunState(
-            run_id=facts.run_id, spec=facts.spec, epoch=facts.epoch, durable=facts.durable,
+            run_id=facts.run_id, spec=facts.spec, epoch=facts.epoch, shards=shards,
             restarts=facts.restarts,
             gpus={g.index: GpuState(g, ThermalLadder(thermal, g.thresholds),
                                     MemoryWatch(resources), PowerWatch(resources))
                   for g in gpus},
-            workers={wid: WorkerSlot(wid, gpu_index=int(config["gpu_index"]),
+            workers={wid: WorkerSlot(wid, gpu_index=gpu,
                                      policy=RestartPolicy(self._restart_settings, self._rng))
-                     for wid in worker_ids},
+                     for wid, gpu in slots},
             crash_alarm=CrashLoopAlarm(window=self._restart_settings.restart_window),
             backends=facts.backends, backend=facts.backend)
         self._out: list[Effect] = []
@@ -628,19 +699,24 @@ class RunController:
         elif isinstance(event, WorkerSpawned):
             self._on_spawned(event)
         elif isinstance(event, SpawnFailed):
+            self.run.workers[event.worker].spawning = False
             self._log("critical", "worker.spawn_failed", epoch=event.epoch, error=event.error)
             self._give_up(f"cannot start the worker: {event.error}")
         elif isinstance(event, CheckpointLoaded):
             self._on_checkpoint_loaded(event)
         elif isinstance(event, PreemptionNoticed):
             self._on_preemption(event)
+        elif isinstance(event, ShardsMerged):
+            self._on_merged(event)
         elif isinstance(event, Start):
+            self.run.started = True
             for gpu in self.run.gpus.values():
                 self._log("info", "gpu.opened", source=gpu.info.source, index=gpu.info.index,
                           limits=dataclasses.asdict(gpu.ladder.limits))
+            first = SpawnReason.START if self.run.epoch == 0 else SpawnReason.RESUME
             for slot in self.run.workers.values():
-                self._start_worker(slot, SpawnReason.START if self.run.epoch == 0
-                                   else SpawnReason.RESUME)
+                self._assign(slot, first)
+            self._maybe_merge()
         return self._out
 
     @property
@@ -769,7 +845,7 @@ class RunController:
             self._protocol_error("hello out of turn", peer)
             return
         slot.backend, slot.device = msg.backend, msg.device
-        self._emit(LoadCheckpoint(slot.id, slot.epoch))
+        self._emit(LoadCheckpoint(slot.id, slot.epoch, slot.shard if self.sharded else None))
 
     def _pin(self, slot: WorkerSlot) -> None:
         """A worker computes on a backend the run has not used last: the first worker
@@ -803,6 +879,9 @@ class RunController:
         self._pin(slot)
         settings["provenance"] = {"epochs": slot.epoch, "restarts": self.run.restarts,
                                   "backends": list(self.run.backends)}
+        span = self._shard(slot).span
+        if span is not None:
+            settings["unit_range"] = list(span)
         self._send(slot, m.Welcome(epoch=slot.epoch, run_id=self.run.run_id,
                                    spec=dict(self.run.spec), settings=settings,
                                    resume=event.resume))
@@ -841,7 +920,8 @@ class RunController:
             self._log("warning", "checkpoint.refused", epoch=msg.epoch, ckpt_seq=msg.ckpt_seq,
                       reason=slot.kill_reason.value)
             return
-        durable = self.run.durable.ckpt_seq
+        shard = self._shard(slot)
+        durable = shard.durable.ckpt_seq
         if msg.ckpt_seq == durable:
             self._send(slot, m.Ack(epoch=msg.epoch, ckpt_seq=msg.ckpt_seq))  # a resend
             return
@@ -852,26 +932,54 @@ class RunController:
         if m.state_digest(msg.state) != msg.digest:
             self._violation(slot, f"checkpoint {msg.ckpt_seq} digest mismatch")
             return
-        if msg.units_done < self.run.durable.units_done:
+        if msg.units_done < shard.durable.units_done:
             self._violation(slot, f"checkpoint {msg.ckpt_seq} goes back from "
-                                  f"{self.run.durable.units_done} to {msg.units_done} units")
+                                  f"{shard.durable.units_done} to {msg.units_done} units")
+            return
+        if shard.size is not None and msg.units_done > shard.size:
+            self._violation(slot, f"checkpoint {msg.ckpt_seq} claims {msg.units_done} units "
+                                  f"of a shard of {shard.size}")
             return
         meta = CheckpointMeta(ckpt_seq=msg.ckpt_seq, epoch=msg.epoch,
                               units_done=msg.units_done, digest=msg.digest,
-                              restarts=self.run.restarts)
+                              restarts=self.run.restarts,
+                              shard=shard.index if self.sharded else None)
         if not self.run.wal_failed:
             self._emit(AppendCheckpoint(meta, msg.state, _CheckpointDurable(
-                slot.id, msg.epoch, msg.ckpt_seq, msg.units_done, len(msg.state))))
+                slot.id, msg.epoch, msg.ckpt_seq, msg.units_done, len(msg.state),
+                shard.index)))
 
     def _on_done(self, slot: WorkerSlot, msg: m.Done) -> None:
         if m.result_digest(msg.result) != msg.digest:
             self._violation(slot, "result digest mismatch")
+            return
+        shard = self._shard(slot)
+        if self.sharded:
+            self._on_shard_done(slot, shard, msg)
             return
         if self.run.done_recorded:
             self._send(slot, m.Ack(epoch=msg.epoch, ckpt_seq=m.DONE_ACK_SEQ))
             return
         self._append(Done(result=msg.result, digest=msg.digest),
                      _DoneDurable(slot.id, msg.epoch, msg.result))
+
+    def _on_shard_done(self, slot: WorkerSlot, shard: ShardState, msg: m.Done) -> None:
+        """A shard's worker finished its range: its final checkpoint (acked before it says
+        done) is the shard's state. The run's result is made from every shard's."""
+        assert shard.span is not None
+        expected = {"shard": list(shard.span), "units_done": shard.size}
+        if msg.result != expected or shard.durable.units_done != shard.size:
+            self._violation(slot, f"done for shard {shard.index} {shard.span} without its "
+                                  f"final checkpoint ({shard.durable.units_done} of "
+                                  f"{shard.size} units durable)")
+            return
+        if shard.done:
+            self._send(slot, m.Ack(epoch=msg.epoch, ckpt_seq=m.DONE_ACK_SEQ))
+            return
+        self._append(Event(EventKind.SHARD_DONE, f"shard {shard.index} done", epoch=slot.epoch,
+                           fields={"shard": shard.index, "range": list(shard.span),
+                                   "ckpt_seq": shard.durable.ckpt_seq}),
+                     _ShardDurable(slot.id, msg.epoch, shard.index))
 
     # Appends ------------------------------------------------------------------------------
     def _on_appended(self, event: Appended) -> None:
@@ -884,7 +992,8 @@ class RunController:
             self._emit(Spawn(slot.id, then.epoch, self.run.backend,
                              str(self.run.spec["job"]), slot.gpu_index))
         elif isinstance(then, _CheckpointDurable):
-            self.run.durable = Durable(then.ckpt_seq, then.units_done, event.t_wall)
+            self.run.shards[then.shard].durable = Durable(then.ckpt_seq, then.units_done,
+                                                          event.t_wall)
             self.run.ack_seconds.append(event.seconds)
             assert self.run.crash_alarm is not None
             self.run.crash_alarm.progressed()
@@ -895,7 +1004,8 @@ class RunController:
             self._emit(Count(Metric.CHECKPOINT_ACKED, event.seconds))
             self._log("info", "checkpoint.durable", epoch=then.epoch, ckpt_seq=then.ckpt_seq,
                       units_done=then.units_done, bytes=then.size,
-                      ack_ms=round(event.seconds * 1000, 3))
+                      ack_ms=round(event.seconds * 1000, 3),
+                      **({"shard": then.shard} if self.sharded else {}))
         elif isinstance(then, _DoneDurable):
             self.run.done_recorded = True
             self._emit(WriteResult(then.result))
@@ -903,14 +1013,37 @@ class RunController:
             self._emit(Notify("run.completed", {"result": self.facts.result_path,
                                                 "epochs": then.epoch,
                                                 "restarts": self.run.restarts}))
+            if then.worker is not None:
+                self._emit(Send(then.worker, m.Ack(epoch=then.epoch,
+                                                   ckpt_seq=m.DONE_ACK_SEQ)))
+            if self.sharded:  # no worker is left to exit: the merge completes the run
+                for slot in self.run.workers.values():
+                    if can_transition(slot.state, WorkerState.COMPLETED):
+                        self._set_state(slot, WorkerState.COMPLETED)
+                self._finish("completed", ExitCode.COMPLETED)
+        elif isinstance(then, _ShardDurable):
+            shard = self.run.shards[then.shard]
+            shard.done = True
+            done = sum(1 for s in self.run.shards if s.done)
+            self._log("info", "shard.completed", shard=shard.index, range=list(shard.span or ()),
+                      epoch=then.epoch, done=done, shards=len(self.run.shards))
             self._emit(Send(then.worker, m.Ack(epoch=then.epoch, ckpt_seq=m.DONE_ACK_SEQ)))
         elif isinstance(then, _StopDurable):
             self._log("info", "run.stopped", reason=then.reason, desired=then.desired.value,
-                      ckpt_seq=self.run.durable.ckpt_seq)
+                      ckpt_seq=self.durable_seq())
             for slot in self.run.workers.values():
                 if can_transition(slot.state, WorkerState.STOPPED):
                     self._set_state(slot, WorkerState.STOPPED)
             self._finish("stopped", ExitCode.STOPPED)
+
+    def _on_merged(self, event: ShardsMerged) -> None:
+        if self.finished:
+            return
+        if event.error is not None:
+            self._give_up(f"the shards' states could not be merged: {event.error}")
+            return
+        self._append(Done(result=event.result, digest=m.result_digest(event.result)),
+                     _DoneDurable(None, self.run.epoch, event.result))
 
     def _wal_failed(self, error: str, advice: str | None) -> None:
         """Fail-stop: no ack, no retry, nothing more appended; every worker is ended and
@@ -981,7 +1114,7 @@ class RunController:
             elif slot.state.has_process:
                 waiting = False  # already being ended: its exit records the stop
         if waiting:
-            self._record_stop(why, desired)
+            self._stop_when_quiet()
 
     def _record_stop(self, why: str, desired: Desired) -> None:
         """The durable ``stop`` record. ``desired`` is "stopped" when an operator asked
@@ -990,8 +1123,17 @@ class RunController:
         if self.run.wal_failed:
             self._finish("wal_failed", ExitCode.GAVE_UP, self.run.wal_error)
             return
-        self._append(Stop(reason=why, desired=desired, ckpt_seq=self.run.durable.ckpt_seq),
+        if self.run.stop_recorded:
+            return
+        self.run.stop_recorded = True
+        self._append(Stop(reason=why, desired=desired, ckpt_seq=self.durable_seq()),
                      _StopDurable(why, desired))
+
+    def _stop_when_quiet(self) -> None:
+        """The stop is recorded once no worker process is left."""
+        stop = self.run.stop
+        if stop is not None and not any(s.state.has_process for s in self.run.workers.values()):
+            self._record_stop(stop.why, stop.desired)
 
     def _on_preemption(self, event: PreemptionNoticed) -> None:
         """The instance is going away: a final checkpoint at once (a graceful stop, within
@@ -1008,6 +1150,53 @@ class RunController:
                            deadline=left)
 
     # Spawning ---------------------------------------------------------------------------
+    # Shards ----------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        return self.run.shards[0].span is not None
+
+    def _shard(self, slot: WorkerSlot) -> ShardState:
+        return self.run.shards[slot.shard or 0]
+
+    def _assign(self, slot: WorkerSlot, reason: SpawnReason | None = None) -> None:
+        """Give ``slot`` the next shard no slot computes, and start a worker on it; with
+        none left, the slot waits (IDLE) for one another slot lets go of."""
+        if self.finished or self.run.stop is not None or slot.spawning:
+            return
+        free = [s for s in self.run.shards if not s.done and s.owner in (None, slot.id)]
+        if not free:
+            slot.shard = None
+            if slot.state is not WorkerState.IDLE and can_transition(slot.state,
+                                                                      WorkerState.IDLE):
+                self._set_state(slot, WorkerState.IDLE)
+            return
+        # Its own shard first, then one with progress: nearer its end, its state warm.
+        shard = max(free, key=lambda s: (s.owner == slot.id, s.durable.units_done, -s.index))
+        shard.owner, slot.shard = slot.id, shard.index
+        if reason is None:
+            reason = SpawnReason.RESUME if shard.durable.ckpt_seq else SpawnReason.START
+        self._start_worker(slot, reason)
+
+    def _release(self, slot: WorkerSlot) -> None:
+        """``slot`` stops computing its shard for now (heat, a retired GPU): another slot
+        may take it. A crashed worker's slot keeps its shard: it restarts on it."""
+        if slot.shard is not None and self.run.shards[slot.shard].owner == slot.id:
+            self.run.shards[slot.shard].owner = None
+        slot.shard = None
+
+    def _maybe_merge(self) -> None:
+        """Every shard of a sharded run done: merge their states into the result."""
+        if self.sharded and not self.finished and not self.run.merging and \
+                all(s.done for s in self.run.shards) and not self.run.done_recorded:
+            self.run.merging = True
+            self._log("info", "shards.merging", shards=len(self.run.shards))
+            devices = sorted({s.device for s in self.run.workers.values() if s.device})
+            self._emit(MergeShards(tuple((s.index, s.span) for s in self.run.shards
+                                         if s.span is not None), {
+                "epochs": self.run.epoch, "restarts": self.run.restarts,
+                "backend": self.run.backends[-1] if self.run.backends else self.run.backend,
+                "backends": list(self.run.backends), "device": ", ".join(devices)}))
+
     def _start_worker(self, slot: WorkerSlot, reason: SpawnReason) -> None:
         if self.run.wal_failed or self.finished:
             return
@@ -1016,18 +1205,21 @@ class RunController:
         slot.pid = None
         slot.token = ""
         self._append(Epoch(epoch=slot.epoch, reason=reason,
-                           resume_ckpt_seq=self.run.durable.ckpt_seq,
+                           resume_ckpt_seq=self._shard(slot).durable.ckpt_seq,
                            worker=slot.id if len(self.run.workers) > 1 else None,
+                           shard=slot.shard if self.sharded else None,
                            restarts=self.run.restarts),
                      _SpawnAfterEpoch(slot.id, slot.epoch))
         slot.spawn_reason = reason
+        # Until WorkerSpawned the slot keeps its state: this turn must not start it twice.
+        slot.spawning = True
 
     def _on_spawned(self, event: WorkerSpawned) -> None:
         slot = self.run.workers[event.worker]
         now = self.run.mono
-        slot.pid, slot.token = event.pid, event.token
+        slot.pid, slot.token, slot.spawning = event.pid, event.token, False
         slot.watchdog = Watchdog(self._watchdog_settings, now)
-        slot.policy.on_spawn(now, self.run.durable.ckpt_seq)
+        slot.policy.on_spawn(now, self._shard(slot).durable.ckpt_seq)
         slot.kill = None
         slot.kill_reason = None
         slot.last_fail = None
@@ -1038,6 +1230,8 @@ class RunController:
                   reason=slot.spawn_reason.value)
 
     def _maybe_restart(self, slot: WorkerSlot, now: float) -> None:
+        if slot.spawning:
+            return
         gpu = self.run.gpus.get(slot.gpu_index)
         may_run = gpu is None or gpu.ladder.may_run
         if slot.state is WorkerState.BACKOFF and not may_run:
@@ -1050,7 +1244,9 @@ class RunController:
         elif slot.state is WorkerState.COOLING and may_run:
             self._log("info", "worker.respawn_after_cooling", epoch=slot.epoch)
             self._emit(Count(Metric.RESTART, label="thermal"))
-            self._start_worker(slot, SpawnReason.THERMAL_RESUME)
+            self._assign(slot, SpawnReason.THERMAL_RESUME)
+        elif slot.state is WorkerState.IDLE and may_run and self.run.started:
+            self._assign(slot)  # a shard another slot let go of
 
     # Watchdog and kills --------------------------------------------------------------------
     def _check_watchdog(self, slot: WorkerSlot, now: float) -> None:
@@ -1187,7 +1383,8 @@ class RunController:
         fail = slot.last_fail
         info = ExitInfo(returncode=view.returncode, killed_for=slot.kill_reason,
                         fatal=bool(fail and fail.fatal), fail_kind=fail.kind if fail else None,
-                        completed=self.run.done_recorded)
+                        completed=self._shard(slot).done if self.sharded
+                        else self.run.done_recorded)
         decision = slot.policy.decide(now, info)
         reason = decision.reason
         if decision.exit_class is ExitClass.STOPPED and self.run.stop is not None:
@@ -1202,20 +1399,34 @@ class RunController:
 
     def _decide(self, slot: WorkerSlot, now: float, decision: Decision) -> None:
         action = decision.action
-        if action is RestartAction.COMPLETE:
+        if action is RestartAction.COMPLETE and not self.sharded:
             self._set_state(slot, WorkerState.COMPLETED)
             self._finish("completed", ExitCode.COMPLETED)
+        elif action is RestartAction.COMPLETE:  # its shard is done: the next, or wait
+            self._release(slot)
+            self._set_state(slot, WorkerState.IDLE)
+            if self.run.stop is not None:
+                self._stop_when_quiet()
+            else:
+                self._maybe_merge()
+                self._assign(slot)
         elif self.run.stop is not None:
-            self._record_stop(self.run.stop.why, self.run.stop.desired)
+            self._stop_when_quiet()
         elif action is RestartAction.GIVE_UP:
             fail = slot.last_fail
-            self._give_up(decision.reason + (f"; the last worker said: {fail.kind}: "
-                                             f"{fail.message}" if fail else ""))
+            reason = decision.reason + (f"; the last worker said: {fail.kind}: "
+                                        f"{fail.message}" if fail else "")
+            if decision.exit_class is ExitClass.FATAL:
+                self._give_up(reason)  # the job itself fails: every GPU would
+            else:
+                self._retire(slot, reason)
         elif action is RestartAction.WAIT_COOLDOWN:
+            self._release(slot)  # another GPU may go on with its shard meanwhile
             self._set_state(slot, WorkerState.COOLING)
             self._log("warning", "thermal.cooling", epoch=slot.epoch)
         elif action is RestartAction.STOP:
-            self._record_stop(decision.reason, Desired.STOPPED)
+            self.run.stop = StopRequest(decision.reason, Desired.STOPPED)
+            self._stop_when_quiet()
         else:
             self.run.restarts += 1  # counted when decided, so a supervisor kill keeps it
             self._append(Event(EventKind.RESTART_SCHEDULED, decision.reason, epoch=slot.epoch,
@@ -1236,13 +1447,37 @@ class RunController:
                     "max_restarts": self._restart_settings.max_restarts,
                     "exit_class": decision.exit_class.value, "reason": decision.reason}))
 
+    def _retire(self, slot: WorkerSlot, reason: str) -> None:
+        """A worker slot gives up (crash loop, poison checkpoint, its GPU needs a reset):
+        its shard goes to the other slots; the run gives up only when none is left."""
+        others = [s for s in self.run.workers.values() if s is not slot and s.state not in (
+            WorkerState.GAVE_UP, WorkerState.KILL_FAILED)]
+        if not others:
+            self._give_up(reason)
+            return
+        shard = slot.shard
+        self._release(slot)
+        self._append(Event(EventKind.RETIRED, reason, epoch=slot.epoch,
+                           fields={"worker": slot.id, "gpu": slot.gpu_index, "shard": shard}))
+        self._log("error", "worker.retired", worker=slot.id, gpu=slot.gpu_index, shard=shard,
+                  reason=reason, left=len(others))
+        if can_transition(slot.state, WorkerState.GAVE_UP):
+            self._set_state(slot, WorkerState.GAVE_UP)
+        for other in others:  # one of them takes the shard as soon as it is free
+            if other.state is WorkerState.IDLE:
+                self._assign(other)
+
+    def durable_seq(self) -> int:
+        """The newest durable checkpoint seq (of any shard), for the operator's messages."""
+        return max(s.durable.ckpt_seq for s in self.run.shards)
+
     def _give_up(self, reason: str) -> None:
         self._append(Event.gave_up(reason))
         advice = "fix the cause, then run start again to resume"
-        self._log("error", "run.gave_up", reason=reason, ckpt_seq=self.run.durable.ckpt_seq,
+        self._log("error", "run.gave_up", reason=reason, ckpt_seq=self.durable_seq(),
                   advice=advice)
         self._emit(Notify("run.gave_up", {"reason": reason, "advice": advice,
-                                          "ckpt_seq": self.run.durable.ckpt_seq}))
+                                          "ckpt_seq": self.durable_seq()}))
         for slot in self.run.workers.values():
             if can_transition(slot.state, WorkerState.GAVE_UP):
                 self._set_state(slot, WorkerState.GAVE_UP)
@@ -1342,41 +1577,99 @@ class RunController:
 
     # Status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """The run's status (``status --json``, ``status.json``)."""
+        """The run's status (``status --json``, ``status.json``); a sharded run adds one
+        row per GPU (``gpus``) and its shards' count."""
         run = self.run
-        slot = next(iter(run.workers.values()))
-        beat = slot.last_beat
-        total = beat.units_total if beat else None
-        done = beat.units_done if beat else run.durable.units_done
-        metrics = beat.metrics if beat else {}
+        slots = list(run.workers.values())
+        live = [s for s in slots if s.last_beat is not None and s.state.has_process]
+        lead = live[0] if live else slots[0]
+        metrics = lead.last_beat.metrics if lead.last_beat else {}
+        newest = max(run.shards, key=lambda s: s.durable.t_wall or 0.0)
+        if self.sharded:
+            total: int | None = sum(s.size or 0 for s in run.shards)
+            done = sum(self._units_of(s) for s in run.shards)
+            rates = [v for v in (s.last_beat.metrics.get("units_per_s") for s in live
+                                 if s.last_beat) if isinstance(v, int | float)]
+            units_per_s: Any = sum(rates) if rates else None
+        else:
+            beat = slots[0].last_beat
+            total = beat.units_total if beat else None
+            done = beat.units_done if beat else run.shards[0].durable.units_done
+            units_per_s = metrics.get("units_per_s")
         if run.outcome is not None and run.outcome.kind == "completed" and total:
             done = total  # the last beat predates the final units
         lat = sorted(run.ack_seconds)
-        gpu = run.gpus.get(slot.gpu_index)
-        return {
+        gpu = run.gpus.get(lead.gpu_index)
+        status = {
             "run_id": run.run_id,
-            "state": slot.state.value,
+            "state": self._run_state(slots).value,
             "outcome": run.outcome.kind if run.outcome else None,
             "supervisor_pid": self.facts.supervisor_pid,
             "supervisor_started_wall": self.facts.supervisor_started_wall,
             "epoch": run.epoch,
-            "worker_pid": slot.pid if slot.state.has_process else None,
+            "worker_pid": lead.pid if lead.state.has_process else None,
             "restarts": run.restarts,
             "units_done": done,
             "units_total": total,
             "progress": (done / total) if total else None,
-            "units_per_s": metrics.get("units_per_s"),
-            "dims_per_s": _dims_per_s(run.spec, metrics.get("units_per_s")),
+            "units_per_s": units_per_s,
+            "dims_per_s": _dims_per_s(run.spec, units_per_s),
             "duty": metrics.get("duty"),
-            "durable_ckpt_seq": run.durable.ckpt_seq,
-            "durable_units": run.durable.units_done,
-            "last_checkpoint_wall": run.durable.t_wall,
+            "durable_ckpt_seq": self.durable_seq(),
+            "durable_units": sum(self._units_of(s, durable=True) for s in run.shards),
+            "last_checkpoint_wall": newest.durable.t_wall,
             "ckpt_ack_ms_p50": round(lat[len(lat) // 2] * 1000, 3) if lat else None,
             "protocol_errors": run.protocol_errors,
             "foreign_dropped": run.foreign_dropped,
             "gpu": {k: v for k, v in gpu.snapshot().items() if k != "index"} if gpu else None,
             "updated_wall": run.wall,
         }
+        several = self.sharded or len(slots) > 1  # else both null: the run is one piece
+        status["shards"] = {"total": len(run.shards),
+                            "done": sum(1 for s in run.shards if s.done)} if several else None
+        status["gpus"] = [self._gpu_row(slot) for slot in slots] if several else None
+        return status
+
+    def _units_of(self, shard: ShardState, durable: bool = False) -> int:
+        """Units of ``shard`` done: all once it is done, else what is durable or (unless
+        ``durable``) what its worker's last beat says, whichever is more."""
+        if shard.done and shard.size is not None:
+            return shard.size
+        units = shard.durable.units_done
+        owner = self.run.workers.get(shard.owner or "")
+        if not durable and owner is not None and owner.last_beat is not None \
+                and owner.state.has_process:
+            units = max(units, owner.last_beat.units_done)
+        return units
+
+    def _run_state(self, slots: list[WorkerSlot]) -> WorkerState:
+        """One state for the run: its one worker's, or the busiest of several."""
+        for state in (WorkerState.RUNNING, WorkerState.PAUSED, WorkerState.STARTING,
+                      WorkerState.STOPPING, WorkerState.KILLING, WorkerState.BACKOFF,
+                      WorkerState.COOLING):
+            if any(s.state is state for s in slots):
+                return state
+        return slots[0].state
+
+    def _gpu_row(self, slot: WorkerSlot) -> dict[str, Any]:
+        """One GPU's row: its worker, the shard it computes, how far, how fast, how hot."""
+        gpu = self.run.gpus.get(slot.gpu_index)
+        shard = self.run.shards[slot.shard] if slot.shard is not None else None
+        beat = slot.last_beat if slot.state.has_process else None
+        ups = beat.metrics.get("units_per_s") if beat else None
+        row: dict[str, Any] = {
+            "index": slot.gpu_index, "worker": slot.id, "state": slot.state.value,
+            "pid": slot.pid if slot.state.has_process else None,
+            "shard": shard.index if shard else None,
+            "shard_range": list(shard.span) if shard and shard.span else None,
+            "progress": (self._units_of(shard) / shard.size) if shard and shard.size else None,
+            "units_per_s": ups, "dims_per_s": _dims_per_s(self.run.spec, ups),
+            "temperature": None, "duty": None, "thermal_state": None, "name": None}
+        if gpu is not None:
+            snap = gpu.snapshot()
+            row.update(temperature=snap["temperature"], duty=snap["duty"],
+                       thermal_state=snap["thermal_state"], name=gpu.info.name)
+        return row
 
 
 def _dims_per_s(spec: Mapping[str, Any], units_per_s: Any) -> float | None:

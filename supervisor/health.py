@@ -29,7 +29,10 @@ class GpuProbe:
                  now: float) -> None:
         self.sensor = sensor
         source = str(getattr(sensor, "source", "?"))
-        self.gpus = [GpuInfo(i, source, sensor.thresholds(i)) for i in indices]
+        named = {d.index: d for d in sensor.devices()}
+        self.gpus = [GpuInfo(i, source, sensor.thresholds(i),
+                             named[i].name if i in named else None,
+                             named[i].uuid if i in named else None) for i in indices]
         self.interval = interval
         self._next_poll = now
 
@@ -78,19 +81,66 @@ def check_profile(spec: str) -> None:
 
 
 def open_probe(config: Config, sim_gpu: str | None, log: Any, say: Callable[[str], None],
-               now: float) -> GpuProbe | None:
-    """The scripted sensor for ``--sim-gpu``, else NVML; None (said once) without a GPU."""
+               now: float, indices: Sequence[int]) -> GpuProbe | None:
+    """The scripted sensor for ``--sim-gpu``, else NVML, watching ``indices``; None (said
+    once) without a GPU."""
+    try:
+        sensor = _open_sensor(sim_gpu)
+    except GpuUnavailable as exc:
+        log.warning("gpu.unavailable", reason=str(exc))
+        say(f"GPU checks off: {exc}")
+        return None
+    missing = sorted(set(indices) - {d.index for d in sensor.devices()})
+    if missing:
+        sensor.close()
+        raise GpuProfileError(f"no GPU {missing[0]} here (the sensor lists "
+                              f"{sorted(d.index for d in sensor.devices())})")
+    return GpuProbe(sensor, indices, config["gpu_poll_interval"], now)
+
+
+def _open_sensor(sim_gpu: str | None) -> GpuSensor:
     sensor: GpuSensor
     try:
         sensor = ScriptedSensor.from_profile(sim_gpu) if sim_gpu else NvmlSensor()
         sensor.open()
     except ProfileError as exc:
         raise GpuProfileError(str(exc)) from None
+    return sensor
+
+
+def resolve_gpus(asked: str | None, gpu_index: int, sim_gpu: str | None) -> list[int]:
+    """The NVML indices ``--gpus`` names: ``all``, a count (the first N), or a list such
+    as ``0,2,3``; None means the one ``gpu_index``. Counting or listing the GPUs needs a
+    sensor: NVML, or a ``--sim-gpu`` profile of several devices."""
+    if asked is None:
+        return [gpu_index]
+    text = asked.strip().lower()
+    try:
+        sensor = _open_sensor(sim_gpu)
     except GpuUnavailable as exc:
-        log.warning("gpu.unavailable", reason=str(exc))
-        say(f"GPU checks off: {exc}")
-        return None
-    return GpuProbe(sensor, [config["gpu_index"]], config["gpu_poll_interval"], now)
+        raise GpuProfileError(f"--gpus {asked}: no GPU can be read here ({exc}); on a "
+                              "machine without GPUs, --sim-gpu two_gpus plays two") from None
+    try:
+        present = sorted(d.index for d in sensor.devices())
+    finally:
+        sensor.close()
+    if text == "all":
+        return present
+    if text.isdigit():
+        count = int(text)
+        if not 1 <= count <= len(present):
+            raise GpuProfileError(f"--gpus {asked}: this machine has {len(present)} GPU(s)")
+        return present[:count]
+    try:
+        wanted = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise GpuProfileError(f"--gpus {asked!r}: give all, a count, or indices such as "
+                              "0,2,3") from None
+    absent = [i for i in wanted if i not in present]
+    if not wanted or absent:
+        raise GpuProfileError(f"--gpus {asked}: no GPU {absent[0] if absent else ''} here "
+                              f"(there are {present})")
+    return wanted
 
 
 class GpuProfileError(ConfigError):

@@ -21,6 +21,8 @@ Event kinds (docs/architecture.md lists the same):
 - ``leak``: worker RSS grew too fast; a planned restart.
 - ``gave_up``: the run gave up (exit 3, resumable).
 - ``backend``: the array backend the run is pinned to (first start, or a switch).
+- ``shard_done``: a shard of a sharded run is done (its final checkpoint is its state).
+- ``retired``: one GPU's worker slot gave up; its shard went to the others.
 - ``preempted``: the cloud announced the instance's end; the run was checkpointed.
 """
 
@@ -45,6 +47,8 @@ class EventKind(enum.StrEnum):
     LEAK = "leak"
     GAVE_UP = "gave_up"
     BACKEND = "backend"
+    SHARD_DONE = "shard_done"
+    RETIRED = "retired"
     PREEMPTED = "preempted"
 
 
@@ -77,6 +81,7 @@ class Epoch:
     reason: SpawnReason
     resume_ckpt_seq: int = 0
     worker: str | None = None  # the worker slot (several workers per run)
+    shard: int | None = None  # the shard it computes (a sharded run)
     restarts: int = 0  # the run's restarts so far (``status``, ``report`` and the result)
     t_wall: float = 0.0
 
@@ -91,6 +96,7 @@ class CheckpointMeta:
     units_done: int
     digest: str
     restarts: int = 0  # kept with every checkpoint: retention never drops the newest
+    shard: int | None = None  # a sharded run's shard (None: the run is one piece)
     t_wall: float = 0.0
 
 
@@ -218,11 +224,13 @@ def read(record: Record) -> Entry:
             return Epoch(epoch=int(p["epoch"]), reason=SpawnReason(p.get("reason", "start")),
                          resume_ckpt_seq=int(p.get("resume_ckpt_seq", 0)),
                          worker=p.get("worker"), restarts=int(p.get("restarts", 0)),
+                         shard=p.get("shard"),
                          t_wall=float(p.get("t_wall", 0.0)))
         if record.type in (RecordType.CKPT, RecordType.CKPT_REF):
             return CheckpointMeta(ckpt_seq=int(p["ckpt_seq"]), epoch=int(p["epoch"]),
                                   units_done=int(p["units_done"]), digest=str(p["digest"]),
                                   restarts=int(p.get("restarts", 0)),
+                                  shard=p.get("shard"),
                                   t_wall=float(p.get("t_wall", 0.0)))
         if record.type is RecordType.EVENT:
             return _read_event(p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import random
 import sys
@@ -32,11 +33,11 @@ from nkat.supervisor.config import (
     check_relations,
     coerce,
 )
-from nkat.supervisor.controller import Durable, RunController, RunFacts
+from nkat.supervisor.controller import Durable, RunController, RunFacts, ShardPlan
 from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.gpu.host import detect as detect_host
 from nkat.supervisor.gpu.host import state_dir_advice
-from nkat.supervisor.health import open_probe
+from nkat.supervisor.health import open_probe, resolve_gpus
 from nkat.supervisor.jsonlog import open_run_log
 from nkat.supervisor.notify import NotifySettings
 from nkat.supervisor.ops.inspect import History, run_state_from_disk, summarize
@@ -45,6 +46,7 @@ from nkat.supervisor.ops.stdout import say as print_line
 from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.preemption import PreemptionSettings
 from nkat.supervisor.rundir import RunDir, RunDirError, RunLocked, list_runs, new_run_id
+from nkat.supervisor.spawn import JobFacts
 from nkat.supervisor.supervise import Shell
 from nkat.supervisor.wal import (
     CheckpointInfo,
@@ -75,11 +77,47 @@ class Plan:
     config: Config
     run: RunDir | None = None
     run_id: str | None = None
+    shards: tuple[tuple[int, int], ...] = ()
 
     def create(self, state: Path) -> RunDir:
         spec = self.config.job_spec()
         return RunDir.create(state, self.run_id or new_run_id(spec), spec, dict(self.config),
-                             job_env(spec))
+                             job_env(spec), self.shards)
+
+
+#: Shards per GPU: enough that a slow or throttled GPU does not hold back the run's end
+#: (a GPU that finishes takes the next shard), few enough that each is worth a worker.
+SHARDS_PER_GPU = 4
+
+
+def plan_shards(plan: Plan, facts: JobFacts, sim_gpu: str | None) -> Plan:
+    """For a new run on several GPUs (``gpus``): the GPUs resolved to NVML indices (kept
+    in its config, so a resume needs no sensor to find them), and its unit range cut into
+    shards, ``SHARDS_PER_GPU`` per GPU. One GPU: the run stays one piece."""
+    config = plan.config
+    gpus = resolve_gpus(config["gpus"], config["gpu_index"], sim_gpu)
+    if len(gpus) == 1:
+        return dataclasses.replace(plan, config=config.with_overrides(
+            {"gpus": None, "gpu_index": gpus[0]}, config.source("gpus")))
+    if not facts.shardable:
+        raise ConfigError(f"job {config['job']!r} cannot be cut into shards (its partials "
+                          "merge in unit order only): run it on one GPU")
+    count = max(1, min(facts.units_total, SHARDS_PER_GPU * len(gpus)))
+    edges = [facts.units_total * k // count for k in range(count + 1)]
+    shards = tuple((a, b) for a, b in itertools.pairwise(edges) if b > a)
+    config = config.with_overrides({"gpus": ",".join(map(str, gpus))}, config.source("gpus"))
+    return dataclasses.replace(plan, config=config, shards=shards)
+
+
+def run_gpus(run: RunDir, config: Config, sim_gpu: str | None) -> list[int]:
+    """The GPUs a run's workers compute on: for a sharded run, those this start names
+    (``--gpus``) or else those it was started on (kept in its config, as indices);
+    otherwise the one ``gpu_index``."""
+    if not run.info.shards or not config["gpus"]:
+        return [int(config["gpu_index"])]
+    if config.source("gpus") not in ("default", "run.toml"):
+        return resolve_gpus(config["gpus"], config["gpu_index"], sim_gpu)
+    return sorted({int(part) for part in str(config["gpus"]).split(",")})
 
 
 def pick_run(state: Path, config: Config, *, run_id: str | None, fresh: bool,
@@ -274,7 +312,8 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     if advice:
         log.warning("run.state_dir_on_windows", advice=advice)
         say(advice)
-    probe = open_probe(config, sim_gpu, log, say, time.monotonic())
+    gpus = run_gpus(run, config, sim_gpu)
+    probe = open_probe(config, sim_gpu, log, say, time.monotonic(), gpus)
     metrics = _start_metrics(run, config, log, say)
     page = _start_page(run, config, log, say)
     display = None if quiet else ProgressDisplay(sys.stdout)
@@ -283,9 +322,12 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     facts = RunFacts(run.run_id, run.info.spec, epoch=history.epoch, durable=durable,
                      restarts=history.restarts, result_path=str(run.result_file),
                      supervisor_pid=os.getpid(), supervisor_started_wall=time.time(),
-                     backends=run.info.backends, backend=_backend(run, config))
+                     backends=run.info.backends, backend=_backend(run, config),
+                     shards=_shard_plans(run, infos))
     controller = RunController(config, facts, gpus=probe.gpus if probe else (),
-                               rng=random.Random())
+                               rng=random.Random(),
+                               slots=[(f"gpu{i}", i) for i in gpus] if run.info.shards
+                               else None)
     shell = Shell(run, wal, log, controller, probe=probe, metrics=metrics,
                   on_status=display.update if display else None, notifier=notifier,
                   preemption=preemption)
@@ -351,6 +393,19 @@ def _say_resumed(run: RunDir, history: History, latest: CheckpointInfo | None, l
         log.warning("run.recovered_unclean", ckpt_seq=ckpt_seq,
                     units_done=latest.units_done if latest else 0,
                     last_record=journal.describe(last))
+
+
+def _shard_plans(run: RunDir, infos: list[CheckpointInfo]) -> tuple[ShardPlan, ...]:
+    """A sharded run's shards as its WAL leaves them: each one's newest checkpoint, and
+    done when that checkpoint covers the whole shard (its final one)."""
+    plans = []
+    for index, (first, stop) in enumerate(run.info.shards):
+        mine = [i for i in infos if i.shard == index]
+        latest = mine[-1] if mine else None
+        durable = Durable(latest.ckpt_seq, latest.units_done, latest.t_wall) if latest \
+            else Durable()
+        plans.append(ShardPlan((first, stop), durable, durable.units_done == stop - first))
+    return tuple(plans)
 
 
 def _backend(run: RunDir, config: Config) -> str:
@@ -431,7 +486,7 @@ def _say_outcome(say: Any, run: RunDir, controller: RunController) -> None:
     if outcome.kind == "completed":
         say(f"run {run.run_id} completed: {run.result_file}")
     elif outcome.kind == "stopped":
-        say(f"run {run.run_id} stopped at checkpoint {controller.run.durable.ckpt_seq}; "
+        say(f"run {run.run_id} stopped at checkpoint {controller.durable_seq()}; "
             "`nkat-supervise start` resumes it")
     else:
         # Said even with --quiet: the operator must learn why the run ended.

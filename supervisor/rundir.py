@@ -167,6 +167,9 @@ class RunInfo:
     #: What a custom job's import needs, as the first start saw it: ``PYTHONPATH`` and
     #: ``cwd`` (a boot, from systemd, has neither).
     job_env: dict[str, str] = field(default_factory=dict)
+    #: A sharded run's shards: its unit range cut into [first, stop) pieces, fixed at its
+    #: first start (empty: one piece).
+    shards: tuple[tuple[int, int], ...] = ()
 
 
 class RunDir:
@@ -217,7 +220,8 @@ class RunDir:
     # Life -------------------------------------------------------------------------------
     @classmethod
     def create(cls, state: Path, run_id: str, spec: Mapping[str, Any],
-               config: Mapping[str, Any], job_env: Mapping[str, str] | None = None) -> RunDir:
+               config: Mapping[str, Any], job_env: Mapping[str, str] | None = None,
+               shards: tuple[tuple[int, int], ...] = ()) -> RunDir:
         validate_run_id(run_id)
         runs = state / "runs"
         runs.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -229,7 +233,8 @@ class RunDir:
             raise RunDirError(f"run {run_id} already exists in {runs}") from None
         os.chmod(path, 0o700)
         info = RunInfo(run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"), dict(spec),
-                       spec_hash(spec), dict(config), job_env=dict(job_env or {}))
+                       spec_hash(spec), dict(config), job_env=dict(job_env or {}),
+                       shards=shards)
         run = cls(path, info)
         run._write_info()
         fsync_dir(runs)
@@ -245,7 +250,8 @@ class RunDir:
             data = tomllib.loads(toml_path.read_text())
             info = RunInfo(data["run_id"], data["created"], data["spec"], data["spec_hash"],
                            data.get("config", {}), tuple(data.get("backends", ())),
-                           dict(data.get("job_env", {})))
+                           dict(data.get("job_env", {})),
+                           tuple((int(a), int(b)) for a, b in data.get("shards", ())))
         except FileNotFoundError:
             raise RunDirError(f"no run {run_id!r} in {state / 'runs'}") from None
         except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
@@ -269,6 +275,8 @@ class RunDir:
         body = {"run_id": info.run_id, "created": info.created, "spec_hash": info.spec_hash,
                 "spec": _toml_safe(info.spec), "config": _toml_safe(info.config),
                 "backends": list(info.backends), "job_env": info.job_env}
+        if info.shards:
+            body["shards"] = [list(span) for span in info.shards]
         atomic_write(self.path / "run.toml", tomli_w.dumps(body).encode(), mode=0o600)
 
     def _make_subdirs(self) -> None:

@@ -7,6 +7,7 @@ stdout/stderr on pipes the supervisor's poll loop reads line by line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -14,27 +15,91 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from typing import IO
+from collections.abc import Iterator, Mapping, Sequence
+from typing import IO, Any
 
+import msgpack
 import psutil
+
+from nkat.supervisor.wal import WalError
 
 #: How long the job's own check of a spec may take (it imports the job, e.g. NumPy).
 CHECK_TIMEOUT_S = 60.0
 
 
-def check_job_spec(spec: dict[str, object]) -> str | None:
-    """Ask the job itself, in a worker process, whether it accepts ``spec``: None if it
-    does, else its message (an unknown job, a module that does not import, a bad param)."""
+@dataclasses.dataclass(frozen=True)
+class JobFacts:
+    """What the job said of a spec it accepted."""
+
+    units_total: int
+    shardable: bool
+
+
+def check_job_spec(spec: dict[str, object]) -> JobFacts | str:
+    """Ask the job itself, in a worker process, whether it accepts ``spec``: its facts if
+    it does, else its message (an unknown job, a module that does not import, a bad
+    param)."""
     try:
         done = subprocess.run([sys.executable, "-m", "nkat.worker", "--check-spec"],
                               input=json.dumps(spec), capture_output=True, text=True,
                               timeout=CHECK_TIMEOUT_S, env=worker_env())
     except subprocess.TimeoutExpired:
         return f"the job did not answer within {CHECK_TIMEOUT_S:g} s while checking its spec"
-    if done.returncode == 0:
-        return None
-    return done.stderr.strip() or f"the job's check exited {done.returncode}"
+    if done.returncode != 0:
+        return done.stderr.strip() or f"the job's check exited {done.returncode}"
+    try:
+        facts = json.loads(done.stdout.strip().splitlines()[-1])
+        return JobFacts(int(facts["units_total"]), bool(facts["shardable"]))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"the job's check printed no facts: {done.stdout[-200:]!r}"
+
+
+#: How long merging the shards' states into the result may take.
+MERGE_TIMEOUT_S = 300.0
+
+
+def merge_shards(wal: Any, run: Any, shards: Sequence[tuple[int, tuple[int, int]]],
+                 provenance: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """Merge a sharded run's shard states (the newest checkpoint of each), as the job
+    would (``python -m nkat.worker --merge-shards``): (the result, None), or (None, why
+    it could not be merged)."""
+    states = []
+    try:
+        for index, span in shards:
+            latest = wal.latest_checkpoint(shard=index)
+            if latest is None:
+                return None, f"shard {index} has no durable checkpoint"
+            states.append({"range": list(span), "state": latest.state})
+    except (OSError, WalError) as exc:
+        return None, f"a shard's state cannot be read: {exc}"
+    request = msgpack.packb({"spec": run.info.spec, "states": states,
+                             "provenance": dict(provenance)}, use_bin_type=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "nkat.worker", "--merge-shards"],
+                              input=request, capture_output=True, timeout=MERGE_TIMEOUT_S,
+                              env=_job_env(worker_env(), run.info.job_env),
+                              cwd=_job_cwd(run.info.job_env))
+    except subprocess.TimeoutExpired:
+        return None, f"the merge took over {MERGE_TIMEOUT_S:g} s"
+    if done.returncode != 0:
+        return None, done.stderr.decode("utf-8", "replace").strip()[-500:]
+    try:
+        return json.loads(done.stdout), None
+    except ValueError as exc:
+        return None, f"the merge printed no result: {exc}"
+
+
+def _job_env(env: dict[str, str], job_env: Mapping[str, str] | None) -> dict[str, str]:
+    """``env`` with what a custom job's import needs (recorded at the run's first start)."""
+    if job_env:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (job_env.get("PYTHONPATH", ""), job_env.get("cwd", "")) if p)
+    return env
+
+
+def _job_cwd(job_env: Mapping[str, str] | None) -> str | None:
+    cwd = (job_env or {}).get("cwd", "")
+    return cwd if cwd and os.path.isdir(cwd) else None
 
 
 def worker_env(**extra: str) -> dict[str, str]:
@@ -46,24 +111,25 @@ class WorkerProcess:
     """One worker incarnation (epoch)."""
 
     def __init__(self, epoch: int, endpoint: str, backend: str, job: str,
-                 gpu_index: int = 0, job_env: Mapping[str, str] | None = None) -> None:
+                 gpu_index: int = 0, job_env: Mapping[str, str] | None = None,
+                 gpu_uuid: str | None = None) -> None:
         self.epoch = epoch
         self.token = secrets.token_hex(16)
         env = worker_env(NKAT_ENDPOINT=endpoint, NKAT_TOKEN=self.token,
                          NKAT_EPOCH=str(epoch), NKAT_SUPERVISOR_PID=str(os.getpid()),
                          NKAT_BACKEND=backend, NKAT_JOB=job)
-        if "CUDA_VISIBLE_DEVICES" not in env:
+        if gpu_uuid:
+            # One GPU of several: CUDA names it by the UUID NVML reported, whatever order
+            # either counts devices in.
+            env["CUDA_VISIBLE_DEVICES"] = gpu_uuid
+        elif "CUDA_VISIBLE_DEVICES" not in env:
             # CUDA numbers devices fastest-first, NVML by PCI bus: make them agree, so the
             # GPU the sensor watches is the one the worker computes on.
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
-        cwd = None
-        if job_env:  # what a custom job's import needs, recorded at the run's first start
-            cwd = job_env.get("cwd") if os.path.isdir(job_env.get("cwd", "")) else None
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (job_env.get("PYTHONPATH", ""), job_env.get("cwd", "")) if p)
+        env = _job_env(env, job_env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nkat.worker"], cwd=cwd,
+            [sys.executable, "-m", "nkat.worker"], cwd=_job_cwd(job_env),
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, close_fds=True,
         )

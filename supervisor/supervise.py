@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import signal
 import time
@@ -28,10 +27,10 @@ from nkat.supervisor import control, journal
 from nkat.supervisor import controller as c
 from nkat.supervisor.bounded_router import BoundedRouter
 from nkat.supervisor.health import GpuProbe
-from nkat.supervisor.notify import NotifyEvent
 from nkat.supervisor.oslimits import io_advice
+from nkat.supervisor.outlets import Outlets
 from nkat.supervisor.rundir import RunDir, RunDirError
-from nkat.supervisor.spawn import WorkerProcess
+from nkat.supervisor.spawn import WorkerProcess, merge_shards
 from nkat.supervisor.wal import Wal, WalError
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked for
@@ -60,9 +59,9 @@ class Shell:
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.run_dir, self.wal, self.log, self.controller = run, wal, log, controller
-        self.probe, self.on_status, self.metrics, self.clock, self.wall = \
-            probe, on_status, metrics, clock, wall
-        self.notifier, self.preemption = notifier, preemption
+        self.probe, self.preemption, self.clock, self.wall = probe, preemption, clock, wall
+        self._outlet_parts = (on_status, metrics, notifier)
+        self.uuids = {g.index: g.uuid for g in probe.gpus if g.uuid} if probe else {}
         self.ctx = zmq.Context()
         self.workers: dict[str, WorkerProcess] = {}
         self.signals: collections.deque[int] = collections.deque()
@@ -145,9 +144,12 @@ class Shell:
                                          max_peers=MAX_PEERS, refuse=True,
                                          max_bytes=control.MAX_REQUEST_BYTES)
             self.wsock, self.csock = self.wrouter.sock, self.crouter.sock
-            self.esock = self.ctx.socket(zmq.PUB)
-            self.esock.setsockopt(zmq.LINGER, 0)
-            self.esock.bind(self.run_dir.endpoint("events"))
+            esock = self.ctx.socket(zmq.PUB)
+            esock.setsockopt(zmq.LINGER, 0)
+            esock.bind(self.run_dir.endpoint("events"))
+            on_status, metrics, notifier = self._outlet_parts
+            self.outlets = Outlets(self.run_dir, self.log, esock, on_status=on_status,
+                                   metrics=metrics, notifier=notifier)
         finally:
             os.umask(old_umask)
 
@@ -218,7 +220,7 @@ class Shell:
         elif isinstance(effect, c.Reply):
             self._reply(effect.ref, effect.reply)
         elif isinstance(effect, c.WriteStatus):
-            self._write_status(effect.status)
+            self.outlets.write_status(effect.status)
         elif isinstance(effect, c.WriteResult):
             try:
                 self.run_dir.write_result(effect.result)
@@ -226,16 +228,18 @@ class Shell:
                 # The done record is durable: the next start writes the file from it.
                 self.log.error("result.write_failed", error=str(exc))
         elif isinstance(effect, c.Publish):
-            self._publish(effect.payload)
-        elif isinstance(effect, c.Count) and self.metrics is not None:
-            self.metrics.count(effect.metric.value, effect.value, effect.label)
-        elif isinstance(effect, c.Notify) and self.notifier is not None:
-            self.notifier.submit(NotifyEvent(effect.kind, self.run_dir.run_id, effect.fields,
-                                             self.wall()))
+            self.outlets.publish(effect.payload)
+        elif isinstance(effect, c.Count):
+            self.outlets.count(effect)
+        elif isinstance(effect, c.Notify):
+            self.outlets.notify(effect, self.wall())
+        elif isinstance(effect, c.MergeShards):
+            return c.ShardsMerged(*merge_shards(self.wal, self.run_dir, effect.shards,
+                                                effect.provenance))
         elif isinstance(effect, c.PinBackend):
             self.run_dir.pin_backend(effect.backend)
         elif isinstance(effect, c.QuietDisplay):
-            self.on_status = None
+            self.outlets.quiet()
         elif isinstance(effect, c.Finish):
             self.finish = self.finish or effect
         return None
@@ -256,7 +260,8 @@ class Shell:
 
     def _load_checkpoint(self, effect: c.LoadCheckpoint) -> c.CheckpointLoaded:
         try:
-            latest = self.wal.latest_checkpoint()
+            latest = self.wal.latest_checkpoint() if effect.shard is None \
+                else self.wal.latest_checkpoint(shard=effect.shard)
         except (WalError, OSError) as exc:
             return c.CheckpointLoaded(effect.worker, effect.epoch, None, str(exc))
         resume = None if latest is None else m.Resume(
@@ -267,6 +272,7 @@ class Shell:
         try:
             worker = WorkerProcess(effect.epoch, self.run_dir.endpoint("worker"), effect.backend,
                                    job=effect.job, gpu_index=effect.gpu_index,
+                                   gpu_uuid=self.uuids.get(effect.gpu_index),
                                    job_env=self.run_dir.info.job_env)
         except OSError as exc:
             return c.SpawnFailed(effect.worker, effect.epoch, str(exc), self.clock())
@@ -286,18 +292,3 @@ class Shell:
     def _reply(self, ident: bytes, reply: dict[str, Any]) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self.csock.send_multipart([ident, control.encode_reply(reply)], zmq.NOBLOCK)
-
-    def _write_status(self, status: dict[str, Any]) -> None:
-        try:
-            self.run_dir.write_status(status)
-        except OSError as exc:
-            self.log.warning("status.write_failed", error=str(exc), advice=io_advice(exc))
-        self._publish({"t": "status", **status})
-        if self.on_status:
-            self.on_status(status)
-        if self.metrics:
-            self.metrics.update_from_status(status)
-
-    def _publish(self, payload: dict[str, Any]) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.esock.send(json.dumps(payload).encode(), zmq.NOBLOCK)

@@ -60,17 +60,22 @@ class Script:
     """The controller and everything around it, in memory."""
 
     def __init__(self, *, gpus: int = 0, facts: c.RunFacts | None = None,
-                 fail_appends_after: int | None = None, seed: int = 7, **config: Any) -> None:
+                 fail_appends_after: int | None = None, seed: int = 7,
+                 slots: list[tuple[str, int]] | None = None,
+                 shards: list[tuple[int, int]] | None = None, **config: Any) -> None:
         overrides = {"restart_delay": 0.1, "restart_delay_max": 0.4, **config}
         self.config = defaults().with_overrides(overrides, "test")
-        self.facts = facts or c.RunFacts("r1", SPEC)
+        self.facts = facts or c.RunFacts(
+            "r1", SPEC, shards=tuple(c.ShardPlan(span) for span in shards or ()))
         infos = [c.GpuInfo(i, "test", Thresholds()) for i in range(gpus)]
         self.ctl = c.RunController(self.config, self.facts, gpus=infos,
-                                   rng=random.Random(seed))
+                                   rng=random.Random(seed), slots=slots)
+        self.merges: list[c.MergeShards] = []
+        self.merge_error: str | None = None
         self.now = 0.0
         self.wall = 1_700_000_000.0
         self.records: list[Any] = []
-        self.states: dict[int, bytes] = {}
+        self.states: dict[tuple[int | None, int], bytes] = {}  # (shard, seq) -> state
         self.sent: list[tuple[str, m.Message]] = []
         self.logs: list[tuple[str, str, dict[str, Any]]] = []
         self.replies: list[tuple[Any, dict[str, Any]]] = []
@@ -149,6 +154,10 @@ class Script:
                          state=state, digest=digest or m.state_digest(state)), wid)
 
     def done(self, result: Any = None, wid: str = c.SOLE_WORKER) -> None:
+        if result is None and self.ctl.sharded:
+            shard = self.ctl.run.shards[self.ctl.run.workers[wid].shard or 0]
+            assert shard.span is not None
+            result = {"shard": list(shard.span), "units_done": shard.size}
         result = {"answer": 42} if result is None else result
         self.send(m.Done(epoch=self.workers[wid].epoch, result=result,
                          digest=m.result_digest(result)), wid)
@@ -174,6 +183,18 @@ class Script:
         self.feed(c.HealthReading(gpu, Reading(self.now, gpu, temperature=temperature,
                                                **fields), events=events,
                                   worker_rss=rss or {}, mono=self.now))
+
+    def shard_of(self, wid: str) -> c.ShardState:
+        return self.ctl.run.shards[self.ctl.run.workers[wid].shard or 0]
+
+    def finish_shard(self, wid: str) -> None:
+        """The worker of ``wid`` computes the rest of its shard: final checkpoint (acked),
+        done, exit."""
+        shard = self.shard_of(wid)
+        self.ckpt(shard.durable.ckpt_seq + 1, shard.size or 0, wid=wid)
+        self.done(wid=wid)
+        self.exit(exitcodes.DONE, wid)
+        self.tick()
 
     def run_worker(self) -> None:
         """Start, handshake and first progress: a RUNNING worker."""
@@ -216,7 +237,7 @@ class Script:
             record = effect.meta if isinstance(effect, c.AppendCheckpoint) else effect.record
             self.records.append(dataclasses.replace(record, t_wall=self.wall))
             if isinstance(effect, c.AppendCheckpoint):
-                self.states[effect.meta.ckpt_seq] = effect.state
+                self.states[(effect.meta.shard, effect.meta.ckpt_seq)] = effect.state
             return c.Appended(effect.then, True, self.wall, 0.002)
         elif isinstance(effect, c.Send):
             self.sent.append((effect.worker, effect.msg))
@@ -238,12 +259,18 @@ class Script:
         elif isinstance(effect, c.LoadCheckpoint):
             if self.load_error:
                 return c.CheckpointLoaded(effect.worker, effect.epoch, None, self.load_error)
-            ckpts = self.of_type(journal.CheckpointMeta)
+            ckpts = [r for r in self.of_type(journal.CheckpointMeta) if r.shard == effect.shard]
             resume = None
             if ckpts:
                 last = ckpts[-1]
-                resume = m.Resume(last.ckpt_seq, last.units_done, self.states[last.ckpt_seq])
+                resume = m.Resume(last.ckpt_seq, last.units_done,
+                                  self.states[(last.shard, last.ckpt_seq)])
             return c.CheckpointLoaded(effect.worker, effect.epoch, resume)
+        elif isinstance(effect, c.MergeShards):
+            self.merges.append(effect)
+            if self.merge_error:
+                return c.ShardsMerged(None, self.merge_error)
+            return c.ShardsMerged({"merged": [list(span) for _, span in effect.shards]})
         elif isinstance(effect, c.ReleaseWorker):
             self.workers.pop(effect.worker, None)
         elif isinstance(effect, c.Reply):

@@ -51,6 +51,10 @@ def metrics():
 
 
 def test_every_documented_series_is_served_with_its_type_and_run_id(metrics):
+    # The per-GPU series exist once a status names GPUs (a run on several GPUs).
+    metrics.update_from_status({**STATUS, "gpus": [
+        {"index": 0, "temperature": 70.0, "progress": 0.5, "dims_per_s": 1e6, "shard": 2},
+        {"index": 1, "temperature": None, "progress": None, "dims_per_s": None, "shard": None}]})
     families = scrape(metrics)
     docs = documented()
     assert len(docs) >= 14
@@ -128,3 +132,16 @@ def test_addresses():
     assert parse_addr("[::1]:9108") == ("::1", 9108)
     with pytest.raises(ValueError):
         parse_addr("9108")
+
+
+def test_each_gpu_of_a_sharded_run_has_its_own_series(metrics):
+    metrics.update_from_status({**STATUS, "gpus": [
+        {"index": 0, "temperature": 70.0, "progress": 0.5, "dims_per_s": 1e6, "shard": 2},
+        {"index": 3, "temperature": None, "progress": None, "dims_per_s": None, "shard": None}]})
+    f = scrape(metrics)
+    assert value(f["nkat_gpu_row_temperature_celsius"], gpu="0") == 70.0
+    assert value(f["nkat_gpu_row_shard_progress_ratio"], gpu="0") == 0.5
+    assert value(f["nkat_gpu_row_dims_per_second"], gpu="0") == 1e6
+    assert value(f["nkat_gpu_row_shard"], gpu="0") == 2
+    assert math.isnan(value(f["nkat_gpu_row_temperature_celsius"], gpu="3"))
+    assert value(f["nkat_gpu_row_shard"], gpu="3") == -1  # idle: no shard

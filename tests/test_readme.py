@@ -63,12 +63,14 @@ def test_a_custom_job_resumes_at_boot_without_its_folder_on_the_path(tmp_path):
     state = tmp_path / "state"
     env = {k: v for k, v in env_with().items() if k != "PYTHONPATH"}
     argv = [sys.executable, "-m", "nkat.supervisor", "start", "--state-dir", str(state),
-            "--quiet", "--set", "job=squares:SumOfSquares", "--set", "params.n=3000000000",
+            "--run-id", "sq", "--quiet", "--set", "job=squares:SumOfSquares",
+            "--set", "params.n=3000000000",
             "--set", "segment_size=1048576", "--set", "checkpoint_interval=0.1"]
     first = subprocess.Popen(argv, cwd=job_dir, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**env, "NKAT_FAILPOINTS": CRAWL})
     def welcomed() -> bool:
+        assert first.poll() is None, first.communicate()  # still starting, not failed
         return any("worker.welcomed" in log.read_text()
                    for log in state.glob("runs/*/logs/supervisor.jsonl"))
 

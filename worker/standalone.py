@@ -82,7 +82,8 @@ def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def check_spec(text: str) -> int:
     """Check a run's spec ({job, params} as JSON) as a worker would, before any run exists:
-    the job must import and accept its params. 0, or 2 with the job's message on stderr."""
+    the job must import and accept its params. 0 with {units_total, shardable} as JSON on
+    stdout, or 2 with the job's message on stderr."""
     try:
         spec = json.loads(text)
         if not isinstance(spec, dict) or not isinstance(spec.get("job"), str) \
@@ -93,7 +94,8 @@ def check_spec(text: str) -> int:
         print(str(exc), file=sys.stderr)
         return USAGE_ERROR
     try:
-        job_class(spec.get("params", {}))
+        job = job_class(spec.get("params", {}))
+        facts = {"units_total": int(job.units_total()), "shardable": bool(job.shardable)}
     except JobParamsError as exc:
         print(str(exc), file=sys.stderr)
         return USAGE_ERROR
@@ -101,6 +103,7 @@ def check_spec(text: str) -> int:
         print(f"job {spec['job']!r} refused its params: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return USAGE_ERROR
+    print(json.dumps(facts))  # what the supervisor plans shards with
     return 0
 
 

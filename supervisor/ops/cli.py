@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
     p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="worker array backend")
+    p.add_argument("--gpus", metavar="all|N|I,J,…",
+                   help="compute on several GPUs: all, the first N, or these NVML indices; "
+                        "the run is cut into shards, several per GPU")
     p.add_argument("--detach", action="store_true", help="run in the background; print the run id")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--sim-gpu", metavar="PROFILE", help="use a scripted GPU profile (TOML)")
@@ -156,7 +159,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     except FdLimitError as exc:
         raise UsageError(str(exc)) from None
     state = state_dir(args.state_dir)
-    extra = {"backend": args.backend} if args.backend else None
+    extra = {k: v for k, v in (("backend", args.backend), ("gpus", args.gpus)) if v} or None
     config = load_config(args.config, args.set, extra)
     check_wire(config)
     if args.sim_gpu:
@@ -166,12 +169,13 @@ def cmd_start(args: argparse.Namespace) -> int:
         print("nkat-supervise: no run was running when the machine went down; nothing to do")
         return ExitCode.OK
     if plan.how == "new":
-        from nkat.supervisor.launch import check_gpu_free
+        from nkat.supervisor.launch import check_gpu_free, plan_shards
         from nkat.supervisor.spawn import check_job_spec
 
-        problem = check_job_spec(plan.config.job_spec())  # the job's own word, before a run
-        if problem:
-            raise UsageError(f"the job refused this spec: {problem}")
+        facts = check_job_spec(plan.config.job_spec())  # the job's own word, before a run
+        if isinstance(facts, str):
+            raise UsageError(f"the job refused this spec: {facts}")
+        plan = plan_shards(plan, facts, args.sim_gpu)
         if not args.share_gpu:
             check_gpu_free(state, plan.config)
     run = plan.run or plan.create(state)

@@ -91,7 +91,7 @@ def _readable_records(run: RunDir) -> list[Record]:
 STATUS_KEYS = ("run_id", "state", "source", "epoch", "restarts", "progress", "units_done",
                "units_total", "units_per_s", "dims_per_s", "durable_ckpt_seq", "durable_units",
                "last_checkpoint_wall", "worker_pid", "supervisor_pid", "gpu", "protocol_errors",
-               "foreign_dropped", "outcome")
+               "foreign_dropped", "outcome", "shards", "gpus")
 
 
 def run_status(run: RunDir) -> dict[str, Any]:
@@ -110,7 +110,9 @@ def _disk_status(run: RunDir) -> dict[str, Any]:
     """The last status.json, corrected by what is durable: the state, the checkpoints."""
     stored = run.read_status() or {}
     status: dict[str, Any] = dict.fromkeys(STATUS_KEYS)
-    status.update((k, v) for k, v in stored.items() if k not in ("supervisor_pid", "worker_pid"))
+    # What was live is not now: no pids, no per-GPU worker rows.
+    status.update((k, v) for k, v in stored.items()
+                  if k not in ("supervisor_pid", "worker_pid", "gpus"))
     history = summarize(_readable_records(run))
     state = run_state_from_disk(run, history)
     checkpoints = _checkpoints(run)
@@ -130,6 +132,18 @@ def _disk_status(run: RunDir) -> dict[str, Any]:
     status["restarts"] = max(history.restarts, _count(stored.get("restarts")))
     if state == "completed":
         _show_completed(run, status)
+        return status
+    if run.info.shards:  # a sharded run: what is durable of every shard
+        newest: dict[int, int] = {int(c["shard"]): int(c["units_done"]) for c in checkpoints}
+        units_done = sum(min(newest.get(k, 0), stop - first)
+                         for k, (first, stop) in enumerate(run.info.shards))
+        units_total = run.info.shards[-1][1]
+        finished = sum(1 for k, (first, stop) in enumerate(run.info.shards)
+                       if newest.get(k, 0) >= stop - first)
+        status.update(units_done=units_done, units_total=units_total,
+                      progress=units_done / units_total, durable_units=units_done,
+                      shards={"total": len(run.info.shards), "done": finished},
+                      gpus=None)  # per-GPU rows only while a supervisor runs them
         return status
     total = status.get("units_total")
     if isinstance(total, int) and total and latest:
@@ -175,7 +189,7 @@ def _checkpoints(run: RunDir) -> list[dict[str, Any]]:
     report = verify_settled(run.wal_dir, run.blob_dir)
     return [{"ckpt_seq": c.ckpt_seq, "epoch": c.epoch, "units_done": c.units_done,
              "t_wall": c.t_wall, "size": c.size, "inline": c.inline, "digest": c.digest,
-             "verified": True} for c in report.checkpoints]
+             "verified": True, "shard": c.shard} for c in report.checkpoints]
 
 
 def list_checkpoints(run: RunDir) -> list[dict[str, Any]]:

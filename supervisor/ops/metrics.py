@@ -103,6 +103,18 @@ class RunMetrics:
         self.ack_seconds = Histogram("nkat_checkpoint_ack_seconds",
                                      "time to make a checkpoint durable before its ack",
                                      lbl, buckets=ACK_BUCKETS, registry=reg).labels(run_id)
+        gpu_lbl = ["run_id", "gpu"]
+        self.gpu_temperature = Gauge("nkat_gpu_row_temperature_celsius",
+                                     "each GPU of a sharded run: its temperature", gpu_lbl,
+                                     registry=reg)
+        self.gpu_progress = Gauge("nkat_gpu_row_shard_progress_ratio",
+                                  "each GPU of a sharded run: its shard's units done / units",
+                                  gpu_lbl, registry=reg)
+        self.gpu_dims_rate = Gauge("nkat_gpu_row_dims_per_second",
+                                   "each GPU of a sharded run: dimensions per second",
+                                   gpu_lbl, registry=reg)
+        self.gpu_shard = Gauge("nkat_gpu_row_shard", "each GPU of a sharded run: the shard it "
+                               "computes (-1: none)", gpu_lbl, registry=reg)
         for unknown in (self.temperature, self.dims_done, self.dims_planned, self.dims_rate):
             unknown.set(math.nan)  # NaN, not a made-up 0, until there is a value
         if dims_total is not None:
@@ -172,6 +184,15 @@ class RunMetrics:
         gpu = status.get("gpu")
         temp = gpu.get("temperature") if isinstance(gpu, Mapping) else None
         self.temperature.set(temp if _is_number(temp) else math.nan)
+        for row in status.get("gpus") or ():  # one series per GPU of a sharded run
+            label = str(row.get("index"))
+            for gauge, key in ((self.gpu_temperature, "temperature"),
+                               (self.gpu_progress, "progress"),
+                               (self.gpu_dims_rate, "dims_per_s")):
+                value = row.get(key)
+                gauge.labels(self.run_id, label).set(value if _is_number(value) else math.nan)
+            shard = row.get("shard")
+            self.gpu_shard.labels(self.run_id, label).set(shard if _is_number(shard) else -1)
 
     def beat(self, now_mono: float) -> None:
         """A heartbeat arrived at ``now_mono`` (the clock given to the constructor)."""

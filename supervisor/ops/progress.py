@@ -66,6 +66,22 @@ def status_lines(status: dict[str, Any], now_wall: float) -> list[tuple[str, str
     if temperature is not None:
         rows.append(("GPU", f"{temperature:.0f}°C, {gpu.get('thermal_state')}, duty "
                             f"{gpu.get('duty')}"))
+    shards = status.get("shards")
+    if isinstance(shards, dict):
+        rows.append(("shards", f"{shards.get('done')} of {shards.get('total')} done"))
+    for row in status.get("gpus") or ():  # one line per GPU of a sharded run
+        parts = [str(row.get("state"))]
+        if row.get("shard") is not None:
+            share = _number(row.get("progress"))
+            parts.append(f"shard {row['shard']}" + (f" {share:.0%}" if share is not None
+                                                    else ""))
+        rate = _number(row.get("dims_per_s")) or _number(row.get("units_per_s"))
+        if rate:
+            parts.append(f"{_si(rate)} {'dims/s' if row.get('dims_per_s') else 'units/s'}")
+        heat = _number(row.get("temperature"))
+        if heat is not None:
+            parts.append(f"{heat:.0f}°C {row.get('thermal_state')}")
+        rows.append((f"GPU {row.get('index')}", ", ".join(parts)))
     if status.get("worker_pid"):
         rows.append(("worker pid", str(status["worker_pid"])))
     pid, started = status.get("supervisor_pid"), _number(status.get("supervisor_started_wall"))

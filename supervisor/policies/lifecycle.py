@@ -16,7 +16,8 @@ from collections.abc import Mapping
 class WorkerState(enum.StrEnum):
     """Where the current worker (or the wait for the next one) stands.
 
-    IDLE         no worker yet: the supervisor has just started.
+    IDLE         no worker: the supervisor has just started, or (a sharded run) this
+                 slot's shard is done and no other is free for it yet.
     STARTING     spawned; until the handshake (hello → welcome).
     RUNNING      progressing. Throttling is not a state of its own: the thermal ladder
                  owns the duty, and a throttled worker is still RUNNING.
@@ -37,15 +38,15 @@ class WorkerState(enum.StrEnum):
 
     Moves (everything else is illegal)::
 
-        IDLE      -> STARTING | COOLING | STOPPED | GAVE_UP
+        IDLE      -> STARTING | COOLING | STOPPED | GAVE_UP | COMPLETED
         STARTING  -> RUNNING | PAUSED | STOPPING | KILLING | EXITED
         RUNNING   -> PAUSED | STOPPING | KILLING | EXITED
         PAUSED    -> RUNNING | STOPPING | KILLING | EXITED
         STOPPING  -> KILLING | EXITED
         KILLING   -> EXITED | KILL_FAILED
-        EXITED    -> BACKOFF | COOLING | COMPLETED | STOPPED | GAVE_UP
+        EXITED    -> BACKOFF | COOLING | COMPLETED | STOPPED | GAVE_UP | IDLE
         BACKOFF   -> STARTING | COOLING | STOPPED | GAVE_UP
-        COOLING   -> STARTING | STOPPED | GAVE_UP
+        COOLING   -> STARTING | STOPPED | GAVE_UP | IDLE | COMPLETED
         KILL_FAILED, COMPLETED, STOPPED, GAVE_UP: final
     """
 
@@ -76,15 +77,16 @@ class WorkerState(enum.StrEnum):
 _S = WorkerState
 
 TRANSITIONS: Mapping[WorkerState, frozenset[WorkerState]] = {
-    _S.IDLE: frozenset({_S.STARTING, _S.COOLING, _S.STOPPED, _S.GAVE_UP}),
+    _S.IDLE: frozenset({_S.STARTING, _S.COOLING, _S.STOPPED, _S.GAVE_UP, _S.COMPLETED}),
     _S.STARTING: frozenset({_S.RUNNING, _S.PAUSED, _S.STOPPING, _S.KILLING, _S.EXITED}),
     _S.RUNNING: frozenset({_S.PAUSED, _S.STOPPING, _S.KILLING, _S.EXITED}),
     _S.PAUSED: frozenset({_S.RUNNING, _S.STOPPING, _S.KILLING, _S.EXITED}),
     _S.STOPPING: frozenset({_S.KILLING, _S.EXITED}),
     _S.KILLING: frozenset({_S.EXITED, _S.KILL_FAILED}),
-    _S.EXITED: frozenset({_S.BACKOFF, _S.COOLING, _S.COMPLETED, _S.STOPPED, _S.GAVE_UP}),
+    _S.EXITED: frozenset({_S.BACKOFF, _S.COOLING, _S.COMPLETED, _S.STOPPED, _S.GAVE_UP,
+                          _S.IDLE}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.COOLING, _S.STOPPED, _S.GAVE_UP}),
-    _S.COOLING: frozenset({_S.STARTING, _S.STOPPED, _S.GAVE_UP}),
+    _S.COOLING: frozenset({_S.STARTING, _S.STOPPED, _S.GAVE_UP, _S.IDLE, _S.COMPLETED}),
     _S.KILL_FAILED: frozenset(),
     _S.COMPLETED: frozenset(),
     _S.STOPPED: frozenset(),

@@ -38,6 +38,7 @@ from nkat.protocol.settings import (
     setting,
     split_assignment,
 )
+from nkat.supervisor.cluster.settings import RaySettings
 from nkat.supervisor.notify import NotifySettings
 from nkat.supervisor.policies.kill_sequence import KillSettings
 from nkat.supervisor.policies.resources import ResourceSettings
@@ -121,7 +122,7 @@ class OperatorSettings:
 SOURCES: tuple[type, ...] = (JobChoice, NkatParams, WorkerSettings, WatchdogSettings,
                              KillSettings, RestartSettings, DurabilitySettings,
                              ThermalSettings, ResourceSettings, GpuSettings, OperatorSettings,
-                             NotifySettings, PreemptionSettings)
+                             NotifySettings, PreemptionSettings, RaySettings)
 
 KEYS: tuple[Key, ...] = tuple(k for cls in SOURCES for k in keys_of(cls))
 KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}

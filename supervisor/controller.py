@@ -462,6 +462,10 @@ class RunFacts:
     #: A sharded run's shards (its unit range cut in pieces, several per GPU); empty: the
     #: run is one piece, computed whole by one worker at a time (``durable`` is its).
     shards: tuple[ShardPlan, ...] = ()
+    #: False for a node of the Ray engine: its controller computes the shards it is given
+    #: (the others arrive marked done) and ends, completed, once they are done; the
+    #: driver, which owns the run, merges every shard's state into the result.
+    merge_when_done: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1188,6 +1192,12 @@ class RunController:
         """Every shard of a sharded run done: merge their states into the result."""
         if self.sharded and not self.finished and not self.run.merging and \
                 all(s.done for s in self.run.shards) and not self.run.done_recorded:
+            if not self.facts.merge_when_done:  # a Ray node: the driver merges
+                for slot in self.run.workers.values():
+                    if can_transition(slot.state, WorkerState.COMPLETED):
+                        self._set_state(slot, WorkerState.COMPLETED)
+                self._finish("completed", ExitCode.COMPLETED)
+                return
             self.run.merging = True
             self._log("info", "shards.merging", shards=len(self.run.shards))
             devices = sorted({s.device for s in self.run.workers.values() if s.device})
@@ -1613,7 +1623,7 @@ class RunController:
             "units_total": total,
             "progress": (done / total) if total else None,
             "units_per_s": units_per_s,
-            "dims_per_s": _dims_per_s(run.spec, units_per_s),
+            "dims_per_s": dims_per_s_of(run.spec, units_per_s),
             "duty": metrics.get("duty"),
             "durable_ckpt_seq": self.durable_seq(),
             "durable_units": sum(self._units_of(s, durable=True) for s in run.shards),
@@ -1663,7 +1673,7 @@ class RunController:
             "shard": shard.index if shard else None,
             "shard_range": list(shard.span) if shard and shard.span else None,
             "progress": (self._units_of(shard) / shard.size) if shard and shard.size else None,
-            "units_per_s": ups, "dims_per_s": _dims_per_s(self.run.spec, ups),
+            "units_per_s": ups, "dims_per_s": dims_per_s_of(self.run.spec, ups),
             "temperature": None, "duty": None, "thermal_state": None, "name": None}
         if gpu is not None:
             snap = gpu.snapshot()
@@ -1672,7 +1682,7 @@ class RunController:
         return row
 
 
-def _dims_per_s(spec: Mapping[str, Any], units_per_s: Any) -> float | None:
+def dims_per_s_of(spec: Mapping[str, Any], units_per_s: Any) -> float | None:
     """The NKAT job's units are blocks of ``unit_dims`` dimensions: show dims/s."""
     if spec.get("job") != NKAT_JOB:
         return None

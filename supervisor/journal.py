@@ -22,7 +22,11 @@ Event kinds (docs/architecture.md lists the same):
 - ``gave_up``: the run gave up (exit 3, resumable).
 - ``backend``: the array backend the run is pinned to (first start, or a switch).
 - ``shard_done``: a shard of a sharded run is done (its final checkpoint is its state).
-- ``retired``: one GPU's worker slot gave up; its shard went to the others.
+- ``retired``: one GPU's worker slot gave up, or a Ray node was lost; its shard went to
+  the others.
+- ``assigned``: the Ray engine gave a shard to a node agent (``attempt``: the shard's
+  attempt number, which fences every earlier one; ``epoch_base``, ``epoch_limit``: the
+  epochs that node may start, a block no other attempt shares).
 - ``preempted``: the cloud announced the instance's end; the run was checkpointed.
 """
 
@@ -33,7 +37,7 @@ import enum
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from nkat.supervisor.wal import Record, RecordType
+from nkat.supervisor.wal import Checkpoint, Record, RecordType
 
 
 class EventKind(enum.StrEnum):
@@ -49,6 +53,7 @@ class EventKind(enum.StrEnum):
     BACKEND = "backend"
     SHARD_DONE = "shard_done"
     RETIRED = "retired"
+    ASSIGNED = "assigned"
     PREEMPTED = "preempted"
 
 
@@ -165,6 +170,15 @@ Writable = Epoch | Event | Done | Stop
 
 class Appender(Protocol):
     def append(self, rtype: RecordType, payload: dict[str, Any]) -> int: ...
+
+
+class RunLog(Appender, Protocol):
+    """What the shell needs of the log: appends, and each shard's newest checkpoint. The
+    run's ``Wal``; on a Ray node, the driver's journal at the other end of the network."""
+
+    def append_checkpoint(self, payload: dict[str, Any], state: bytes) -> int: ...
+
+    def latest_checkpoint(self, shard: int = 0) -> Checkpoint | None: ...
 
 
 def record_type(entry: Entry) -> RecordType:

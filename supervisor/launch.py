@@ -95,6 +95,14 @@ def plan_shards(plan: Plan, facts: JobFacts, sim_gpu: str | None) -> Plan:
     in its config, so a resume needs no sensor to find them), and its unit range cut into
     shards, ``SHARDS_PER_GPU`` per GPU. One GPU: the run stays one piece."""
     config = plan.config
+    if config["engine"] == "ray":
+        if config["gpus"]:
+            raise ConfigError("gpus is for the local engine: with --engine ray, each node "
+                              "agent takes one GPU the cluster offers")
+        if not facts.shardable:
+            raise ConfigError(f"job {config['job']!r} cannot be cut into shards (its partials "
+                              "merge in unit order only): run it with --engine local")
+        return plan  # cut at the first start, once the cluster's size is known
     gpus = resolve_gpus(config["gpus"], config["gpu_index"], sim_gpu)
     if len(gpus) == 1:
         return dataclasses.replace(plan, config=config.with_overrides(
@@ -102,11 +110,17 @@ def plan_shards(plan: Plan, facts: JobFacts, sim_gpu: str | None) -> Plan:
     if not facts.shardable:
         raise ConfigError(f"job {config['job']!r} cannot be cut into shards (its partials "
                           "merge in unit order only): run it on one GPU")
-    count = max(1, min(facts.units_total, SHARDS_PER_GPU * len(gpus)))
-    edges = [facts.units_total * k // count for k in range(count + 1)]
-    shards = tuple((a, b) for a, b in itertools.pairwise(edges) if b > a)
+    shards = cut_shards(facts.units_total, SHARDS_PER_GPU * len(gpus))
     config = config.with_overrides({"gpus": ",".join(map(str, gpus))}, config.source("gpus"))
     return dataclasses.replace(plan, config=config, shards=shards)
+
+
+def cut_shards(units_total: int, count: int) -> tuple[tuple[int, int], ...]:
+    """``units_total`` units cut into ``count`` contiguous [first, stop) pieces (fewer
+    when there are fewer units), sizes differing by one at most."""
+    count = max(1, min(units_total, count))
+    edges = [units_total * k // count for k in range(count + 1)]
+    return tuple((a, b) for a, b in itertools.pairwise(edges) if b > a)
 
 
 def run_gpus(run: RunDir, config: Config, sim_gpu: str | None) -> list[int]:
@@ -159,7 +173,7 @@ def pick_run(state: Path, config: Config, *, run_id: str | None, fresh: bool,
 def check_gpu_free(state: Path, config: Config) -> None:
     """ConfigError when a live run of this state dir already computes on the GPU this one
     would use (two runs on one GPU slow each other and can run out of its memory)."""
-    if config["backend"] == "numpy":
+    if config["backend"] == "numpy" or config["engine"] == "ray":
         return
     for run in list_runs(state):
         other = run.info.config
@@ -312,6 +326,8 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
     if advice:
         log.warning("run.state_dir_on_windows", advice=advice)
         say(advice)
+    if config["engine"] == "ray":
+        return _run_on_ray(run, config, wal, log, say=say, quiet=quiet, sim_gpu=sim_gpu)
     gpus = run_gpus(run, config, sim_gpu)
     probe = open_probe(config, sim_gpu, log, say, time.monotonic(), gpus)
     metrics = _start_metrics(run, config, log, say)
@@ -351,6 +367,33 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
         if page:
             page.close()
     _say_outcome(say, run, controller)
+    return code
+
+
+def _run_on_ray(run: RunDir, config: Config, wal: Wal, log: Any, *, say: Any, quiet: bool,
+                sim_gpu: str | None) -> ExitCode:
+    """The run's shards on a Ray cluster (docs/architecture.md, "Many machines")."""
+    from nkat.supervisor.cluster.engine import run_on_ray
+
+    metrics = _start_metrics(run, config, log, say)
+    page = _start_page(run, config, log, say)
+    display = None if quiet else ProgressDisplay(sys.stdout)
+    try:
+        code = run_on_ray(run, config, wal, log, say=say, backend=_backend(run, config),
+                          sim_gpu=sim_gpu, on_status=display.update if display else None,
+                          metrics=metrics)
+    except RunDirError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as the local loop: recorded, exit 3
+        code = _record_failure(run, wal, log, exc)
+    finally:
+        for part in (display, metrics, page):
+            if part is not None:
+                part.close()
+    if code == ExitCode.COMPLETED:
+        say(f"run {run.run_id} completed: {run.result_file}")
+    elif code == ExitCode.STOPPED:
+        say(f"run {run.run_id} stopped; `nkat-supervise start` resumes it")
     return code
 
 

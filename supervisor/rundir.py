@@ -270,6 +270,15 @@ class RunDir:
                                                            "backend": backend}, backends=used)
         self._write_info()
 
+    def set_shards(self, shards: tuple[tuple[int, int], ...]) -> None:
+        """Fix the run's shards, durably, before any of them is computed (the Ray engine
+        cuts a new run once it knows how many nodes the cluster has)."""
+        if self.info.shards and self.info.shards != shards:
+            raise RunDirError(f"run {self.run_id} is already cut into {len(self.info.shards)} "
+                              "shards; they cannot change")
+        self.info = dataclasses.replace(self.info, shards=shards)
+        self._write_info()
+
     def _write_info(self) -> None:
         info = self.info
         body = {"run_id": info.run_id, "created": info.created, "spec_hash": info.spec_hash,

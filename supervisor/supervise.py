@@ -31,7 +31,7 @@ from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.outlets import Outlets
 from nkat.supervisor.rundir import RunDir, RunDirError
 from nkat.supervisor.spawn import WorkerProcess, merge_shards
-from nkat.supervisor.wal import Wal, WalError
+from nkat.supervisor.wal import WalError
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked for
     from nkat.supervisor.notifier import Notifier
@@ -51,7 +51,7 @@ _SIG = {c.Sig.DUMP: signal.SIGUSR1, c.Sig.TERM: signal.SIGTERM, c.Sig.KILL: sign
 class Shell:
     """Runs one controller against real sockets, processes, files and clocks."""
 
-    def __init__(self, run: RunDir, wal: Wal, log: Any, controller: c.RunController, *,
+    def __init__(self, run: RunDir, wal: journal.RunLog, log: Any, controller: c.RunController, *,
                  probe: GpuProbe | None = None, notifier: Notifier | None = None,
                  preemption: PreemptionWatch | None = None,
                  on_status: Callable[[dict[str, Any]], None] | None = None,

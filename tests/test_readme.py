@@ -94,8 +94,9 @@ def test_readme_config_table_lists_every_key_with_its_default():
 
 
 def test_readme_test_command_is_what_ci_runs():
-    command = re.search(r"```bash\n(pip install '\.\[test\]' && (python -m pytest[^\n]*))\n",
-                        README)
+    command = re.search(r"```bash\n(pip install '\.\[(test[\w,]*)\]' && "
+                        r"(python -m pytest[^\n]*))\n", README)
     assert command, "README must open with the test command"
     ci = (REPO / ".ci" / "run").read_text()
-    assert command.group(2) in ci
+    assert command.group(3) in ci
+    assert f"pip install --quiet '.[{command.group(2)}]'" in ci  # the same extras

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", metavar="all|N|I,J,…",
                    help="compute on several GPUs: all, the first N, or these NVML indices; "
                         "the run is cut into shards, several per GPU")
+    p.add_argument("--engine", choices=("local", "ray"),
+                   help="local (default): this machine; ray: the shards run on a Ray "
+                        "cluster, one node agent per GPU (pip install 'nkat-supervise[ray]')")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT|ray://…",
+                   help="the Ray cluster to join (default: RAY_ADDRESS, else a new local "
+                        "Ray instance)")
     p.add_argument("--detach", action="store_true", help="run in the background; print the run id")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--sim-gpu", metavar="PROFILE", help="use a scripted GPU profile (TOML)")
@@ -159,9 +165,18 @@ def cmd_start(args: argparse.Namespace) -> int:
     except FdLimitError as exc:
         raise UsageError(str(exc)) from None
     state = state_dir(args.state_dir)
-    extra = {k: v for k, v in (("backend", args.backend), ("gpus", args.gpus)) if v} or None
+    extra = {k: v for k, v in (("backend", args.backend), ("gpus", args.gpus),
+                               ("engine", args.engine), ("ray_address", args.ray_address))
+             if v} or None
     config = load_config(args.config, args.set, extra)
     check_wire(config)
+    if config["engine"] == "ray":
+        from nkat.supervisor.cluster.settings import RayMissing, import_ray
+
+        try:
+            import_ray()  # before any run directory exists: exit 2, naming the extra
+        except RayMissing as exc:
+            raise UsageError(str(exc)) from None
     if args.sim_gpu:
         check_profile(args.sim_gpu)  # before any run directory is made
     plan = pick_run(state, config, run_id=args.run_id, fresh=args.fresh, boot=args.boot)
@@ -212,8 +227,10 @@ def _detach(args: argparse.Namespace, run: RunDir, *, created: bool) -> int:
         argv += ["--config", str(args.config)]
     for option in args.set:
         argv += ["--set", option]
-    if args.backend:
-        argv += ["--backend", args.backend]
+    for flag, value in (("--backend", args.backend), ("--engine", args.engine),
+                        ("--ray-address", args.ray_address)):
+        if value:
+            argv += [flag, value]
     if args.sim_gpu:
         argv += ["--sim-gpu", args.sim_gpu]
     if args.salvage:

@@ -69,6 +69,8 @@ def status_lines(status: dict[str, Any], now_wall: float) -> list[tuple[str, str
     shards = status.get("shards")
     if isinstance(shards, dict):
         rows.append(("shards", f"{shards.get('done')} of {shards.get('total')} done"))
+    if status.get("engine") == "ray":
+        rows.append(("engine", f"ray, {status.get('nodes')} node(s)"))
     for row in status.get("gpus") or ():  # one line per GPU of a sharded run
         parts = [str(row.get("state"))]
         if row.get("shard") is not None:
@@ -81,7 +83,11 @@ def status_lines(status: dict[str, Any], now_wall: float) -> list[tuple[str, str
         heat = _number(row.get("temperature"))
         if heat is not None:
             parts.append(f"{heat:.0f}°C {row.get('thermal_state')}")
-        rows.append((f"GPU {row.get('index')}", ", ".join(parts)))
+        if row.get("node"):  # --engine ray: a node agent, named by where it runs
+            parts.insert(0, f"{row.get('host')} node {row['node']}")
+            rows.append((f"agent {row.get('index')}", ", ".join(parts)))
+        else:
+            rows.append((f"GPU {row.get('index')}", ", ".join(parts)))
     if status.get("worker_pid"):
         rows.append(("worker pid", str(status["worker_pid"])))
     pid, started = status.get("supervisor_pid"), _number(status.get("supervisor_started_wall"))

@@ -1,0 +1,176 @@
+"""A Ray node agent: the supervisor's own loop, run on one node over one GPU's worker.
+
+    agent = ray.remote(NodeAgent).options(num_gpus=1).remote(NodeJob(...))
+    outcome = ray.get(agent.run_shard.remote(journal, task))   # one shard, then the next
+
+Supervision stays on the node: the agent runs an unchanged ``RunController`` and ``Shell``
+(heartbeats, the progress watchdog, restarts with backoff, kill escalation, the thermal
+ladder and memory watch of its GPU) over a worker it spawns, with sockets and a log in a
+scratch directory of the node. Only the log is remote: ``RemoteLog`` makes each record
+durable in the driver's journal before the worker is acknowledged. The controller is told
+that every other shard is done and that it must not merge, so it ends, completed, when its
+shard is. Progress goes to the journal with each status (every second); the answer
+carries the driver's stop request, which the agent turns into the signal a local
+supervisor would get. A sync actor runs methods on the process's main thread, so the
+shell can take signals, and the worker's PR_SET_PDEATHSIG (tied to the forking thread)
+ends the worker with the actor, whichever way the node goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nkat.supervisor.cluster.journal import ShardTask
+from nkat.supervisor.cluster.remote_log import RemoteLog
+from nkat.supervisor.config import Config
+from nkat.supervisor.controller import Durable, RunController, RunFacts, ShardPlan
+from nkat.supervisor.health import open_probe
+from nkat.supervisor.jsonlog import open_run_log
+from nkat.supervisor.rundir import RunDir
+from nkat.supervisor.supervise import Shell
+
+#: What of a node's status the driver shows in that node's row.
+_ROW_KEYS = ("state", "epoch", "units_per_s", "dims_per_s", "worker_pid", "restarts")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeJob:
+    """What every node agent of a run is given once: the run and how to supervise it."""
+
+    run_id: str
+    spec: dict[str, Any]
+    config: dict[str, Any]
+    sources: dict[str, str]
+    job_env: dict[str, str]
+    sim_gpu: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardOutcome:
+    """How one attempt ended on the node: the controller's outcome and exit code."""
+
+    shard: int
+    attempt: int
+    kind: str  # completed | stopped | gave_up | wal_failed | kill_failed | failed
+    code: int
+    reason: str | None
+    node: str
+    #: The node's scratch directory, kept when the attempt did not complete (its log).
+    kept: str | None = None
+    round_trips_s: tuple[float, ...] = ()
+
+
+class NodeAgent:
+    """One node agent (see the module docstring); Ray makes it an actor."""
+
+    def __init__(self, job: NodeJob) -> None:
+        self.job = job
+        self.host = socket.gethostname()
+
+    def where(self) -> dict[str, Any]:
+        """Where Ray placed the agent: its node id, host, pid and GPU."""
+        import ray
+
+        gpus = ray.get_gpu_ids()
+        return {"node": ray.get_runtime_context().get_node_id(), "host": self.host,
+                "pid": os.getpid(), "gpu": int(gpus[0]) if gpus else None}
+
+    def run_shard(self, journal: Any, task: ShardTask, lease_s: float) -> ShardOutcome:
+        """Supervise one attempt at ``task.shard`` until its shard is done, the driver
+        stops it, or it cannot go on; the durable records are in the driver's journal."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:8]
+        gpus = ray.get_gpu_ids()
+        gpu_index = int(gpus[0]) if gpus else int(self.job.config["gpu_index"])
+        scratch = Path(tempfile.mkdtemp(prefix="nkat-node-"))
+        config = Config(self.job.config, self.job.sources)
+        run = RunDir.create(scratch, f"s{task.shard}", self.job.spec, self.job.config,
+                            self.job.job_env, task.spans)
+        log, sink = open_run_log(run.log_file, run_id=self.job.run_id,
+                                 max_bytes=config["log_max_bytes"],
+                                 backups=config["log_backups"], component=f"node-{node}")
+        log.info("node.shard_started", shard=task.shard, attempt=task.attempt, host=self.host,
+                 gpu=gpu_index, resume_units=task.units_done)
+        probe = open_probe(config, self.job.sim_gpu, log, lambda _text: None,
+                           time.monotonic(), [gpu_index])
+        remote = RemoteLog(ray, journal, task, lease_s)
+        controller = RunController(config, _facts(self.job, task),
+                                   gpus=probe.gpus if probe else (),
+                                   slots=[(f"{node}-gpu{gpu_index}", gpu_index)])
+        reporter = _Reporter(ray, journal, task, {"node": node, "host": self.host,
+                                                  "gpu": gpu_index})
+        shell = Shell(run, remote, log, controller, probe=probe, on_status=reporter)
+        reporter.shell = shell
+        try:
+            code = shell.run()
+        except Exception as exc:  # noqa: BLE001 - the driver is told; the node lives on
+            log.critical("node.failed", error=f"{type(exc).__name__}: {exc}")
+            return ShardOutcome(task.shard, task.attempt, "failed", 3,
+                                f"the node's loop failed: {type(exc).__name__}: {exc}", node,
+                                str(scratch))
+        finally:
+            if probe:
+                probe.close()
+            sink.close()
+        outcome = controller.run.outcome
+        kind = outcome.kind if outcome else "failed"
+        kept = None if kind in ("completed", "stopped") else str(scratch)
+        if kept is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return ShardOutcome(task.shard, task.attempt, kind, code,
+                            outcome.reason if outcome else None, node, kept,
+                            tuple(remote.round_trips))
+
+
+def _facts(job: NodeJob, task: ShardTask) -> RunFacts:
+    """The node controller's run: every shard but ``task.shard`` done; epochs from the
+    attempt's block; and no merge when its shard is done."""
+    plans = tuple(
+        ShardPlan(span, Durable(task.ckpt_seq, task.units_done) if k == task.shard
+                  else Durable(), done=k != task.shard)
+        for k, span in enumerate(task.spans))
+    return RunFacts(job.run_id, job.spec, epoch=task.epoch_base, restarts=task.restarts,
+                    supervisor_pid=os.getpid(), supervisor_started_wall=time.time(),
+                    backends=task.backends, backend=task.backend, shards=plans,
+                    merge_when_done=False)
+
+
+class _Reporter:
+    """The shell's status callback: sends the node's progress to the journal without
+    waiting, and reads the previous answer: the driver's stop request, or a fence."""
+
+    def __init__(self, ray: Any, journal: Any, task: ShardTask,
+                 where: dict[str, Any]) -> None:
+        self.ray, self.journal, self.task, self.where = ray, journal, task, where
+        self.shell: Shell | None = None
+        self.pending: Any = None
+        self.signalled = False
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        if self.pending is not None:
+            ready, _ = self.ray.wait([self.pending], timeout=0)
+            if not ready:
+                return  # the journal is busy: the next status asks again
+            with contextlib.suppress(Exception):  # a lost journal shows in the appends
+                self._answer(self.ray.get(self.pending))
+        rows = status.get("gpus") or [{}]
+        row = {**rows[0], **{k: status.get(k) for k in _ROW_KEYS}, **self.where}
+        self.pending = self.journal.report.remote(self.task.shard, self.task.attempt, row)
+
+    def _answer(self, answer: str | None) -> None:
+        if answer is None or self.signalled or self.shell is None:
+            return
+        self.signalled = True
+        # What a local supervisor gets: SIGINT for an operator's stop (the run stays
+        # stopped), SIGTERM for a shutdown or a fenced attempt (the run resumes).
+        self.shell.signals.append(signal.SIGINT if answer == "stopped" else signal.SIGTERM)

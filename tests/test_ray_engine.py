@@ -1,0 +1,175 @@
+"""``start --engine ray`` on a real local Ray cluster (``ray.cluster_utils.Cluster``: a head
+and three nodes, each offering one unit of the resource ``nkat``; NumPy workers). A node is
+lost mid-run, shard workers are SIGKILLed, the driver is SIGKILLed and started again: each
+run ends with the one-GPU result, byte for byte. Without Ray, ``--engine ray`` exits 2 and
+names the extra."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nkat.supervisor import journal
+from nkat.supervisor.wal import RecordType
+from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
+    SupervisedRun,
+    deterministic,
+    env_with,
+    reap_processes,
+    reference,
+    wait_for,
+)
+
+JOB = ["max_dimension=600000000", "unit_dims=1048576"]  # 573 units, 12 shards on 3 nodes
+#: Every unit takes a little while on the nodes, so the faults land mid-run.
+CRAWL = ";".join(f"stall@unit={k}:seconds=0.03" for k in range(573))
+QUICK = ["restart_delay=0.05", "checkpoint_interval=0.3", "segment_size=1048576",
+         "ray_resource=nkat", "ray_lease=10"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[object]:
+    pytest.importorskip("ray")
+    from nkat.supervisor.testing.ray_cluster import LocalRayCluster
+
+    # The nodes' workers inherit the raylets' environment, which is this process's.
+    saved = os.environ.get("NKAT_FAILPOINTS")
+    os.environ["NKAT_FAILPOINTS"] = CRAWL
+    made = LocalRayCluster.start(nodes=3, resource="nkat")
+    try:
+        yield made
+    finally:
+        leftovers = made.stop()
+        if saved is None:
+            os.environ.pop("NKAT_FAILPOINTS", None)
+        else:
+            os.environ["NKAT_FAILPOINTS"] = saved
+        assert not leftovers, f"processes outlived the cluster: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def expected() -> str:
+    return deterministic(reference(JOB))
+
+
+def ray_run(tmp_path: Path, cluster: object, run_id: str = "ray1") -> SupervisedRun:
+    return SupervisedRun(tmp_path, run_id, JOB + QUICK,
+                         extra_args=["--engine", "ray", "--ray-address",
+                                     cluster.address])  # type: ignore[attr-defined]
+
+
+def node_workers() -> list[psutil.Process]:
+    """The nodes' worker processes (the cluster's processes are this test's children)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            argv = proc.cmdline()
+            if "nkat.worker" in argv and "--check-spec" not in argv and \
+                    "--merge-shards" not in argv and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def busy_nodes(run: SupervisedRun) -> set[str]:
+    """The node ids (8 characters) that hold a shard now, from the driver's log."""
+    status = run.status()
+    return {row["node"] for row in status.get("gpus") or () if row.get("shard") is not None
+            and row.get("node")}
+
+
+def unfinished_checkpoints(run: SupervisedRun) -> set[int]:
+    """The shards with a durable checkpoint in the WAL that are not done yet."""
+    entries = [journal.read(r) for r in run.records()]
+    done = {e.fields["shard"] for e in entries if isinstance(e, journal.Event)
+            and e.kind is journal.EventKind.SHARD_DONE}
+    return {e.shard for e in entries if isinstance(e, journal.CheckpointMeta)
+            and e.shard not in done and e.units_done > 0}
+
+
+def wait_running_everywhere(run: SupervisedRun) -> None:
+    wait_for(lambda: len(busy_nodes(run)) == 3 and (run.status().get("durable_units") or 0),
+             120, "shards running on all three nodes with a durable checkpoint", 0.1)
+
+
+def finish(run: SupervisedRun, expected: str) -> None:
+    code = run.wait(timeout=240)
+    assert code == 0, run.err
+    assert deterministic(run.result()) == expected
+    assert run.result()["provenance"]["device"] == "ray: nkat"
+
+
+def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, cluster, expected):
+    run = ray_run(tmp_path, cluster)
+    run.start()
+    wait_running_everywhere(run)
+    status = run.status()
+    assert status["engine"] == "ray" and status["nodes"] == 3
+    assert status["shards"]["total"] == 12  # 4 per node agent the cluster had at the start
+    victim = sorted(busy_nodes(run))[0]
+    cluster.remove(cluster.node_with(victim))  # type: ignore[attr-defined]
+    try:
+        finish(run, expected)
+    finally:
+        cluster.add_node()  # type: ignore[attr-defined]  # the next test has three again
+    retired = [e for e in run.events("node.retired") if e["node"] == victim]
+    assert retired, "the lost node's shard was never moved"
+    moved = retired[0]["shard"]
+    later = [e for e in run.events("shard.assigned") if e["shard"] == moved]
+    assert later[-1]["node"] != victim and later[-1]["attempt"] >= 2
+    kinds = [journal.read(r) for r in run.records() if r.type is RecordType.EVENT]
+    assert any(k.kind is journal.EventKind.RETIRED and k.fields["node"] == victim
+               for k in kinds)
+
+
+def test_sigkilled_shard_workers_restart_on_their_nodes(tmp_path, cluster, expected):
+    run = ray_run(tmp_path, cluster)
+    run.start()
+    wait_running_everywhere(run)
+    killed = set()
+    for _ in range(3):
+        worker = wait_for(lambda: [p for p in node_workers() if p.pid not in killed], 60,
+                          "a node's worker to kill")[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        killed.add(worker.pid)
+    finish(run, expected)
+    assert run.status()["restarts"] >= 3  # each node's own loop restarted its worker
+    assert not run.events("node.retired")  # supervision stayed on the nodes
+
+
+def test_a_killed_driver_resumes_from_its_wal_with_start(tmp_path, cluster, expected):
+    run = ray_run(tmp_path, cluster)
+    run.start()
+    wait_running_everywhere(run)
+    wait_for(lambda: unfinished_checkpoints(run), 120,
+             "a durable checkpoint of an unfinished shard before the driver is killed", 0.05)
+    run.kill_supervisor()
+    wait_for(lambda: not node_workers(), 30, "the dead driver's workers to end with it", 0.1)
+    again = ray_run(tmp_path, cluster)
+    again.start()
+    finish(again, expected)
+    resumed = [e for e in again.events("shard.assigned") if e.get("resume_units")]
+    assert resumed, "the second driver computed every shard again"
+
+
+def test_without_ray_the_engine_exits_2_and_names_the_extra(tmp_path):
+    hide = tmp_path / "no-ray"
+    (hide / "ray").mkdir(parents=True)
+    (hide / "ray" / "__init__.py").write_text("raise ImportError('ray is not installed')\n")
+    env = env_with()
+    env["PYTHONPATH"] = os.pathsep.join([str(hide), env["PYTHONPATH"]])
+    done = subprocess.run([sys.executable, "-m", "nkat.supervisor", "start", "--state-dir",
+                           str(tmp_path / "state"), "--engine", "ray", "--backend", "numpy"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'nkat-supervise[ray]'" in done.stderr
+    assert not (tmp_path / "state" / "runs").exists() or \
+        not any((tmp_path / "state" / "runs").iterdir())

@@ -13,10 +13,12 @@ head or in the rotated files, never both and never neither, even after a crash m
 the head files are never written again. The head is the start of the log and the
 rotated files its end, with the lines rotated out between them missing: readers read
 the head first (``ops.logview.LogReader`` does, so ``logs``, ``report``, ``status`` and
-the status page all see it). A run whose log never fills its backups has no head.
+the status page all see it). A run whose log never fills its backups has no head; one
+whose first files an older version deleted gets its head from the oldest file left.
 
-Disk bound: the head adds at most ``max(HEAD_BYTES, log_max_bytes)`` and ``HEAD_FILES``
-files to the ``(log_backups + 1) x log_max_bytes`` of the rotated log.
+Disk bound: the head adds less than ``HEAD_BYTES + log_max_bytes``, in at most
+``HEAD_FILES`` files, to the ``(log_backups + 1) x log_max_bytes`` of the rotated log; at
+the default 16 MiB files it is the first file alone.
 """
 
 from __future__ import annotations

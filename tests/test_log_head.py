@@ -21,6 +21,13 @@ def numbered(n: int) -> str:
     return json.dumps({"event": "test.line", "level": "info", "n": n, "pad": "x" * 60})
 
 
+def n_of(raw: bytes) -> int:
+    entry = parse_line(raw)
+    assert entry is not None, raw
+    number: int = entry[1]["n"]
+    return number
+
+
 def numbers(path: Path) -> list[int]:
     return [record["n"] for _line, record in read_log(path) if "n" in record]
 
@@ -36,7 +43,8 @@ def start_of_run(log: Any) -> None:
     log.info("worker.started", component="worker", epoch=1, units_total=46, units_done=0)
 
 
-def test_a_rotation_storm_leaves_run_started_where_logs_report_and_status_read(tmp_path):
+def test_a_rotation_storm_leaves_run_started_where_logs_report_and_status_read(
+        tmp_path: Path) -> None:
     run = RunDir.create(tmp_path, "r1", {"job": "toy", "params": {}}, {})
     log, sink = open_run_log(run.log_file, run_id="r1", max_bytes=4096, backups=2)
     start_of_run(log)
@@ -62,7 +70,7 @@ def test_a_rotation_storm_leaves_run_started_where_logs_report_and_status_read(t
     assert inspect._logged_units_total(run) == 46
 
 
-def test_the_head_stops_growing_at_its_limit_and_holds_the_first_lines(tmp_path):
+def test_the_head_stops_growing_at_its_limit_and_holds_the_first_lines(tmp_path: Path) -> None:
     path = tmp_path / "supervisor.jsonl"
     sink = RotatingLineFile(path, 300, 1, sync_interval=3600)
     for n in range(5000):
@@ -70,14 +78,14 @@ def test_the_head_stops_growing_at_its_limit_and_holds_the_first_lines(tmp_path)
     sink.close()
     head = loghead.head_files(path)
     assert len(head) == loghead.HEAD_FILES
-    in_head = [parse_line(raw)[1]["n"] for p in head for raw in p.read_bytes().splitlines()]
+    in_head = [n_of(raw) for p in head for raw in p.read_bytes().splitlines()]
     assert in_head == list(range(len(in_head)))  # the start of the log, nothing skipped
     shown = numbers(path)
     assert shown[:len(in_head)] == in_head and shown[-1] == 4999
     assert len(shown) == len(set(shown))
 
 
-def test_without_backups_the_first_file_goes_to_the_head_instead_of_away(tmp_path):
+def test_without_backups_the_first_file_goes_to_the_head_instead_of_away(tmp_path: Path) -> None:
     path = tmp_path / "supervisor.jsonl"
     log, sink = open_run_log(path, run_id="r1", max_bytes=4096, backups=0)
     start_of_run(log)
@@ -89,7 +97,7 @@ def test_without_backups_the_first_file_goes_to_the_head_instead_of_away(tmp_pat
     assert not list(tmp_path.glob("supervisor.jsonl.*"))
 
 
-def test_a_restarted_writer_goes_on_filling_the_head_after_the_last_file(tmp_path):
+def test_a_restarted_writer_goes_on_filling_the_head_after_the_last_file(tmp_path: Path) -> None:
     path = tmp_path / "supervisor.jsonl"
     first = RotatingLineFile(path, 300, 1, sync_interval=3600, head_files=4)
     n = 0
@@ -105,13 +113,13 @@ def test_a_restarted_writer_goes_on_filling_the_head_after_the_last_file(tmp_pat
     head = loghead.head_files(path)
     assert [p.name for p in head] == [f"supervisor.head-{i:03d}.jsonl" for i in range(4)]
     shown = numbers(path)
-    in_head = [parse_line(raw)[1]["n"] for p in head for raw in p.read_bytes().splitlines()]
+    in_head = [n_of(raw) for p in head for raw in p.read_bytes().splitlines()]
     assert in_head == list(range(len(in_head)))
     assert shown[:len(in_head)] == in_head and shown[-1] == last
     assert len(shown) == len(set(shown))
 
 
-def test_a_head_file_removed_by_hand_is_never_overwritten(tmp_path):
+def test_a_head_file_removed_by_hand_is_never_overwritten(tmp_path: Path) -> None:
     path = tmp_path / "supervisor.jsonl"
     loghead.head_path(path, 3).write_text(numbered(-1) + "\n")
     sink = RotatingLineFile(path, 300, 0, sync_interval=3600)
@@ -133,21 +141,21 @@ def follow_while_writing(path: Path, backups: int, lines: int, every: int,
         for n in range(lines):
             sink.write_line(numbered(n))
             if n % every == 0:
-                seen += [parse_line(raw)[1]["n"] for raw in reader.read_available()]
-        seen += [parse_line(raw)[1]["n"] for raw in reader.read_available()]
+                seen += [n_of(raw) for raw in reader.read_available()]
+        seen += [n_of(raw) for raw in reader.read_available()]
     finally:
         reader.close()
         sink.close()
     return seen
 
 
-def test_a_follower_sees_every_line_once_while_files_move_to_the_head(tmp_path):
+def test_a_follower_sees_every_line_once_while_files_move_to_the_head(tmp_path: Path) -> None:
     path = tmp_path / "supervisor.jsonl"
     assert follow_while_writing(path, 0, 400, 1, head_files=6) == list(range(400))
     assert len(loghead.head_files(path)) == 6
 
 
-def test_a_follower_that_fell_behind_reads_on_through_the_head(tmp_path):
+def test_a_follower_that_fell_behind_reads_on_through_the_head(tmp_path: Path) -> None:
     # Two lines a file, one backup, a read every 7 lines: the file the reader holds has
     # gone to the head by its next read, and files after it have followed.
     path = tmp_path / "supervisor.jsonl"
@@ -156,7 +164,7 @@ def test_a_follower_that_fell_behind_reads_on_through_the_head(tmp_path):
     assert seen == list(range(60))
 
 
-def test_a_new_reader_reads_the_head_first_and_once(tmp_path):
+def test_a_new_reader_reads_the_head_first_and_once(tmp_path: Path) -> None:
     path = tmp_path / "supervisor.jsonl"
     sink = RotatingLineFile(path, 300, 2, sync_interval=3600, head_files=3)
     for n in range(300):
@@ -164,7 +172,7 @@ def test_a_new_reader_reads_the_head_first_and_once(tmp_path):
     sink.close()
     reader = LogReader(path)
     try:
-        first = [parse_line(raw)[1]["n"] for raw in reader.read_available()]
+        first = [n_of(raw) for raw in reader.read_available()]
         again = list(reader.read_available())
     finally:
         reader.close()

@@ -4,6 +4,8 @@ back as one summary; the events the run's history is read from are never limited
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from nkat.supervisor.log_rate import (
@@ -32,7 +34,7 @@ def feed(limiter: LogRateLimiter, now: float, event: str, n: int, *,
     return written, summaries
 
 
-def test_a_flood_writes_the_burst_and_counts_the_rest_until_the_window_ends():
+def test_a_flood_writes_the_burst_and_counts_the_rest_until_the_window_ends() -> None:
     limiter = LogRateLimiter(SETTINGS)
     written, early = feed(limiter, 0.0, "protocol.error", 1000)
     assert (written, early) == (3, [])
@@ -43,7 +45,7 @@ def test_a_flood_writes_the_burst_and_counts_the_rest_until_the_window_ends():
     assert limiter.due(20.0) == [] and limiter.tracked == 0  # reported once, then forgotten
 
 
-def test_the_next_occurrence_after_the_window_reports_the_count_then_opens_a_new_window():
+def test_the_next_occurrence_after_the_window_reports_the_count_then_opens_a_new_window() -> None:
     limiter = LogRateLimiter(SETTINGS)
     feed(limiter, 0.0, "protocol.error", 5)
     written, summaries = feed(limiter, 12.0, "protocol.error", 4)
@@ -52,7 +54,7 @@ def test_the_next_occurrence_after_the_window_reports_the_count_then_opens_a_new
     assert [s.count for s in limiter.drain()] == [1]
 
 
-def test_a_steady_flood_costs_at_most_burst_plus_one_lines_per_window():
+def test_a_steady_flood_costs_at_most_burst_plus_one_lines_per_window() -> None:
     limiter = LogRateLimiter(SETTINGS)
     emitted = written = suppressed = summaries = 0
     for step in range(10_000):  # 100 per second for 100 seconds
@@ -71,7 +73,7 @@ def test_a_steady_flood_costs_at_most_burst_plus_one_lines_per_window():
     assert summaries == windows
 
 
-def test_a_summary_takes_the_highest_level_it_counted_and_at_least_info():
+def test_a_summary_takes_the_highest_level_it_counted_and_at_least_info() -> None:
     limiter = LogRateLimiter(SETTINGS)
     feed(limiter, 0.0, "gpu.xid", 3, level="debug")
     feed(limiter, 0.0, "gpu.xid", 2, level="debug")
@@ -82,7 +84,7 @@ def test_a_summary_takes_the_highest_level_it_counted_and_at_least_info():
     assert [s.level for s in limiter.drain()] == ["error"]
 
 
-def test_close_reports_every_count_left_even_in_an_open_window():
+def test_close_reports_every_count_left_even_in_an_open_window() -> None:
     limiter = LogRateLimiter(SETTINGS)
     feed(limiter, 0.0, "protocol.error", 4)
     feed(limiter, 5.0, "socket.flooded", 9)
@@ -92,7 +94,7 @@ def test_close_reports_every_count_left_even_in_an_open_window():
     assert limiter.drain() == [] and limiter.tracked == 0
 
 
-def test_the_history_events_are_never_limited():
+def test_the_history_events_are_never_limited() -> None:
     limiter = LogRateLimiter(SETTINGS)
     for event in sorted(NEVER_LIMITED):
         written, _ = feed(limiter, 0.0, event, 100, level="critical")
@@ -100,19 +102,19 @@ def test_the_history_events_are_never_limited():
     assert limiter.drain() == [] and limiter.tracked == 0
 
 
-def test_the_limited_and_never_limited_sets_are_apart_and_name_real_events():
+def test_the_limited_and_never_limited_sets_are_apart_and_name_real_events() -> None:
     assert not (LIMITED_EVENTS | OUTPUT_EVENTS) & NEVER_LIMITED
     emitted = emitted_events()
     # A renamed event would silently leave the limit (or the guard): every name is real.
     assert (LIMITED_EVENTS | OUTPUT_EVENTS | NEVER_LIMITED) - emitted == set()
 
 
-def test_an_event_not_named_anywhere_is_written_in_full():
+def test_an_event_not_named_anywhere_is_written_in_full() -> None:
     limiter = LogRateLimiter(SETTINGS)
     assert feed(limiter, 0.0, "test.line", 1000)[0] == 1000
 
 
-def test_worker_output_has_its_own_larger_burst_per_epoch_and_stream():
+def test_worker_output_has_its_own_larger_burst_per_epoch_and_stream() -> None:
     limiter = LogRateLimiter(SETTINGS)
     assert feed(limiter, 0.0, "worker.stdout", 50, epoch=1, level="info")[0] == 5
     assert feed(limiter, 0.0, "worker.stderr", 50, epoch=1, level="info")[0] == 5
@@ -121,7 +123,7 @@ def test_worker_output_has_its_own_larger_burst_per_epoch_and_stream():
         ("worker.stdout", 1, 45), ("worker.stderr", 1, 45), ("worker.stdout", 2, 45)}
 
 
-def test_every_event_a_worker_forwards_is_limited_but_each_epoch_starts_whole():
+def test_every_event_a_worker_forwards_is_limited_but_each_epoch_starts_whole() -> None:
     limiter = LogRateLimiter(SETTINGS)
     # A worker that floods even a history event's name cannot flood the log with it …
     assert feed(limiter, 0.0, "run.completed", 100, component="worker", epoch=1)[0] == 3
@@ -131,7 +133,7 @@ def test_every_event_a_worker_forwards_is_limited_but_each_epoch_starts_whole():
     assert sum(s.count for s in limiter.drain()) == 194
 
 
-def test_invented_names_past_max_keys_share_one_counted_key():
+def test_invented_names_past_max_keys_share_one_counted_key() -> None:
     limiter = LogRateLimiter(SETTINGS)
     written = sum(feed(limiter, 0.0, f"junk.n{i}", 10, component="worker", epoch=1)[0]
                   for i in range(100))
@@ -144,6 +146,7 @@ def test_invented_names_past_max_keys_share_one_counted_key():
 
 @pytest.mark.parametrize("field, value", [("log_rate_window", 0.0), ("log_rate_burst", 0),
                                           ("log_output_burst", 0), ("max_keys", 0)])
-def test_settings_that_would_hide_everything_are_refused(field, value):
+def test_settings_that_would_hide_everything_are_refused(field: str, value: float) -> None:
+    changed: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=field):
-        LogRateSettings(**{field: value})
+        LogRateSettings(**changed)

@@ -8,7 +8,17 @@ stable dotted name), ``run_id``, ``component`` and, where it applies, ``epoch``.
     log.info("worker.spawned", epoch=3, pid=4242)
 
 Rotation is by size: ``supervisor.jsonl`` → ``.1`` → ``.2`` …; a line is never split
-across files, and a reader following the log sees each line exactly once.
+across files, and a reader following the log sees each line exactly once. The run's first
+rotated files are not deleted but set aside as the log's head (``supervisor.head-000.jsonl``
+…, see :mod:`nkat.supervisor.loghead`), so ``run.started`` stays readable.
+
+Floods are bounded: repeated events whose rate comes from outside the supervisor (a
+worker's output and forwarded events, protocol errors, socket floods …) pass through
+:mod:`nkat.supervisor.log_rate`; past a burst per window they are counted, and each count
+becomes one ``log.suppressed`` line (fields ``suppressed_event``, ``suppressed_component``,
+``count``, ``window_s``, ``first_ts``, ``last_ts``, and ``epoch`` where the events had
+one) once the window has ended: at the next line, within ``sync_interval`` when the log is
+quiet, or at close. Nothing is limited that the run's history is read from.
 
 Durability, as journald does it: a line at warning or above is synced (fdatasync) before
 the call returns, so the account of what went wrong survives a power cut; other lines
@@ -20,6 +30,7 @@ which then syncs at once: a flood of warnings costs at most one sync per gap.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -30,6 +41,9 @@ from typing import Any
 
 import structlog
 
+from nkat.supervisor import loghead
+from nkat.supervisor.log_rate import LogRateLimiter, LogRateSettings, Suppressed
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
 #: Levels whose lines are synced before the call returns.
 URGENT_LEVELS = frozenset({"warning", "error", "critical", "exception"})
@@ -37,27 +51,37 @@ URGENT_LEVELS = frozenset({"warning", "error", "critical", "exception"})
 SYNC_INTERVAL = 2.0
 #: Least seconds between two syncs made by the caller of an urgent line.
 URGENT_GAP = 0.05
+#: structlog's level numbers are the standard library's.
+_LEVEL_NUMBERS = logging.getLevelNamesMapping()
 
 
 class RotatingLineFile:
     """Appends whole lines to a file and rotates it by size. Thread-safe.
 
     ``sync`` is the call that makes the file's data durable (os.fdatasync); ``clock``
-    measures the gap between urgent syncs (time.monotonic).
+    measures the gap between urgent syncs (time.monotonic). The file that rotation would
+    delete goes to the log's head instead while the head holds fewer than ``head_bytes``
+    in fewer than ``head_files`` files (:mod:`nkat.supervisor.loghead`).
     """
 
     def __init__(self, path: Path, max_bytes: int, backups: int, *,
                  sync_interval: float = SYNC_INTERVAL,
                  sync: Callable[[int], None] = os.fdatasync,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 head_bytes: int = loghead.HEAD_BYTES,
+                 head_files: int = loghead.HEAD_FILES) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()
         self._sync, self._clock = sync, clock
+        self._housekeepers: list[Callable[[bool], None]] = []
         self.dropped = 0
         self.syncs = 0
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._head_limits = (head_bytes, head_files)
+        self._head_sizes = [p.stat().st_size for p in loghead.head_files(path)]
+        self._head_next = loghead.next_head_index(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
         if self._size and not _ends_with_newline(path):
@@ -65,7 +89,7 @@ class RotatingLineFile:
             self._size += os.write(self._fd, b"\n")
         self._dirty = False
         self._last_sync = float("-inf")
-        self._closed = False
+        self._closed = self._closing = False
         self._wake = threading.Event()
         self._syncer = threading.Thread(target=self._sync_loop, args=(sync_interval,),
                                         name="log-sync", daemon=True)
@@ -93,6 +117,12 @@ class RotatingLineFile:
             except OSError as exc:
                 self._dropped(exc)
 
+    def add_housekeeper(self, work: Callable[[bool], None]) -> None:
+        """Run ``work(False)`` on the sync thread at every wake (at least every
+        ``sync_interval``), and ``work(True)`` once at close before the file closes. It
+        runs outside the file's lock, so it may write lines."""
+        self._housekeepers.append(work)
+
     def flush(self) -> None:
         """Sync what was written (close does it too)."""
         with self._lock:
@@ -114,6 +144,8 @@ class RotatingLineFile:
             self._wake.clear()
             if self._closed:
                 return
+            for work in self._housekeepers:
+                work(False)
             if urgent:
                 gap = URGENT_GAP - (self._clock() - self._last_sync)
                 if gap > 0:
@@ -131,8 +163,20 @@ class RotatingLineFile:
         if self._dirty:
             self._sync_now()  # the rotated file keeps what it holds
         os.close(self._fd)
+        oldest = self.path if self.backups <= 0 else \
+            self.path.with_name(f"{self.path.name}.{self.backups}")
+        # Invariant: the head is the log's first files, in order. Only the file about to
+        # be deleted can join it, and rotation deletes oldest first, so each one that
+        # joins is the one after the last; once full, it never takes another.
+        if self._head_wants_more() and os.path.exists(oldest):
+            with contextlib.suppress(OSError):  # the head is a kindness; rotation must go on
+                size = os.stat(oldest).st_size
+                os.replace(oldest, loghead.head_path(self.path, self._head_next))
+                self._head_next += 1
+                self._head_sizes.append(size)
         if self.backups <= 0:
-            os.unlink(self.path)
+            with contextlib.suppress(FileNotFoundError):  # gone to the head
+                os.unlink(self.path)
         else:
             for i in range(self.backups - 1, 0, -1):
                 src = self.path.with_name(f"{self.path.name}.{i}")
@@ -142,8 +186,18 @@ class RotatingLineFile:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = 0
 
+    def _head_wants_more(self) -> bool:
+        most_bytes, most_files = self._head_limits
+        return sum(self._head_sizes) < most_bytes and len(self._head_sizes) < most_files
+
     def close(self) -> None:
-        """Sync and close; the sync thread ends."""
+        """Sync and close; the sync thread ends. Housekeepers run first (once)."""
+        with self._lock:
+            closing = not self._closed and not self._closing
+            self._closing = True
+        if closing:
+            for work in self._housekeepers:
+                work(True)
         with self._lock:
             if self._closed:
                 return
@@ -183,19 +237,73 @@ class _LineLogger:
     warning = error = critical = exception = urgent
 
 
+class RateLimit:
+    """The structlog processor that applies :class:`~nkat.supervisor.log_rate.
+    LogRateLimiter` to every line: a line it holds back raises ``DropEvent``; the
+    summaries of ended windows are written first, through ``summaries`` (a logger that
+    is not limited). Thread-safe; ``housekeep`` is the sink's housekeeper."""
+
+    def __init__(self, limiter: LogRateLimiter, summaries: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limiter = limiter
+        self._summaries = summaries
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def __call__(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> Any:
+        epoch = event_dict.get("epoch")
+        with self._lock:
+            now = self._clock()
+            self._write(self.limiter.due(now))
+            if self.limiter.admit(now, str(event_dict.get("event")),
+                                  str(event_dict.get("component")),
+                                  epoch if isinstance(epoch, int) else None,
+                                  str(event_dict.get("level")), str(event_dict.get("ts"))):
+                return event_dict
+        raise structlog.DropEvent
+
+    def housekeep(self, closing: bool) -> None:
+        """Write the counts of ended windows; at close, every count left."""
+        with self._lock:
+            self._write(self.limiter.drain() if closing else self.limiter.due(self._clock()))
+
+    def _write(self, ended: list[Suppressed]) -> None:
+        for s in ended:
+            fields: dict[str, Any] = {
+                "suppressed_event": s.event, "suppressed_component": s.component,
+                "count": s.count, "window_s": s.window_s, "first_ts": s.first,
+                "last_ts": s.last}
+            if s.epoch is not None:
+                fields["epoch"] = s.epoch
+            level = _LEVEL_NUMBERS[s.level.upper()]
+            self._summaries.log(level, "log.suppressed", **fields)
+
+
 def open_run_log(path: Path, *, run_id: str, max_bytes: int, backups: int,
-                 component: str = "supervisor") -> tuple[Any, RotatingLineFile]:
-    """A structlog logger bound to the run, and the file it writes (close it at the end)."""
+                 component: str = "supervisor", rate: LogRateSettings | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> tuple[Any, RotatingLineFile]:
+    """A structlog logger bound to the run, and the file it writes (close it at the end).
+    ``rate``: the flood limits (:class:`~nkat.supervisor.log_rate.LogRateSettings`);
+    ``clock``: the monotonic clock their windows run on."""
     sink = RotatingLineFile(path, max_bytes, backups)
-    logger = structlog.wrap_logger(
-        _LineLogger(sink),
+    line_logger = _LineLogger(sink)
+    summaries = _wrap(line_logger, []).bind(run_id=run_id, component=component)
+    limit = RateLimit(LogRateLimiter(rate), summaries, clock)
+    sink.add_housekeeper(limit.housekeep)
+    logger = _wrap(line_logger, [limit])
+    return logger.bind(run_id=run_id, component=component), sink
+
+
+def _wrap(line_logger: _LineLogger, middle: list[Any]) -> Any:
+    return structlog.wrap_logger(
+        line_logger,
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            *middle,  # after the stamp: a held-back line's ts is what its summary reports
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(default=repr),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(0),
         cache_logger_on_first_use=False,
     )
-    return logger.bind(run_id=run_id, component=component), sink

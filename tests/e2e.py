@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
+from nkat.supervisor import loghead
 from nkat.supervisor.wal import RecordType
 from nkat.supervisor.wal.readonly import read_records
 
@@ -131,8 +132,9 @@ class SupervisedRun:
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []
         log_dir = self.path / "logs"
-        files = sorted(log_dir.glob("supervisor.jsonl.*"),
-                       key=lambda p: -int(p.suffix[1:])) + [log_dir / "supervisor.jsonl"]
+        files = loghead.head_files(log_dir / "supervisor.jsonl") + sorted(
+            log_dir.glob("supervisor.jsonl.*"), key=lambda p: -int(p.suffix[1:])) + [
+            log_dir / "supervisor.jsonl"]
         for path in files:
             if not path.exists():
                 continue

@@ -4,7 +4,9 @@
     nkat-supervise logs RUN -f -n 20 --level warning --event 'worker.*' --since 10m
     nkat-supervise logs RUN --json | jq .   # the stored lines, exactly, one per line
 
-Files are read oldest first (``supervisor.jsonl.N`` … ``.1``, then ``supervisor.jsonl``).
+Files are read oldest first: the log's head (``supervisor.head-000.jsonl`` …, the run's
+first lines, which rotation never deletes; see :mod:`nkat.supervisor.loghead`), then
+``supervisor.jsonl.N`` … ``.1``, then ``supervisor.jsonl``.
 ``-f`` follows the file by inode: when the writer rotates, the old file is read to its end,
 then every newer file from its start, so no line is lost or repeated. A line that is not a
 JSON object (the torn last line of a crash) is skipped, with ``--json`` too, so a pipe to
@@ -28,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from nkat.supervisor import loghead
 from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.ops.stdout import silence_stdout
 from nkat.supervisor.rundir import RunDir, RunDirError, list_runs, state_dir
@@ -65,6 +68,7 @@ class LogReader:
     open file's inode. The writer (``jsonlog.RotatingLineFile``) writes a line with one
     write and closes a file before renaming it, so once the rename is seen the old file
     is complete and a partial line left at its end is torn, never still being written.
+    The head's files come first, once: they never change.
     """
 
     def __init__(self, path: Path) -> None:
@@ -72,6 +76,7 @@ class LogReader:
         self._fd: int | None = None
         self._id: _FileId | None = None
         self._partial = b""
+        self._head_read = False
 
     def read_available(self) -> Iterator[bytes]:
         if self._fd is not None:
@@ -85,6 +90,9 @@ class LogReader:
             yield from self._finish_current()
         else:
             newer = self._open_newer_than(None)
+            if not self._head_read:
+                newer = (self._open_head(newer) or []) + newer
+                self._head_read = True
         for fd, fid in newer[:-1]:
             self._fd, self._id = fd, fid
             yield from self._drain(fd)
@@ -122,9 +130,16 @@ class LogReader:
         """Open the files newer than ``known`` (all of them for None), oldest first."""
         for _attempt in range(_RESCANS):
             opened, found = self._scan(known)
-            # Not found: either the writer deleted it (no links left) or it was moved past
-            # the scan while the writer shifted names; then look again.
-            if known is None or found or self._fd is None or os.fstat(self._fd).st_nlink == 0:
+            if known is None or found or self._fd is None:
+                break
+            # Not found: the writer moved it to the head (then the head's files after it
+            # are newer too), or deleted it (no links left: every file is newer), or moved
+            # it past the scan while shifting names; then look again.
+            later_head = self._open_head(opened, after=known)
+            if later_head is not None:
+                opened += reversed(later_head)  # older than the rotated files
+                break
+            if os.fstat(self._fd).st_nlink == 0:
                 break
             for fd, _fid in opened:
                 os.close(fd)
@@ -136,6 +151,29 @@ class LogReader:
                 os.close(fd)
             opened = opened[:1]
         opened.reverse()
+        return opened
+
+    def _open_head(self, chain: _Opened, after: _FileId | None = None) -> _Opened | None:
+        """Open the head's files, oldest first; with ``after``, only those after that one
+        (None when it is not in the head). A file that ``chain``'s scan opened already
+        joined the head meanwhile: the newest of the head and the oldest of the chain, it
+        is read once, in its place."""
+        skip = {fid for _fd, fid in chain}
+        opened: _Opened = []
+        seen_after = after is None
+        for path in loghead.head_files(self.path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            fid = _file_id(fd)
+            if not seen_after or fid in skip:
+                seen_after = seen_after or fid == after
+                os.close(fd)
+            else:
+                opened.append((fd, fid))
+        if not seen_after:
+            return None
         return opened
 
     def _scan(self, known: _FileId | None) -> tuple[_Opened, bool]:

@@ -152,7 +152,7 @@ class SupervisedRun:
             return None
         for child in children:
             try:
-                if "nkat.worker" in " ".join(child.cmdline()) and alive(child):
+                if is_worker(child.cmdline()) and alive(child):
                     self._seen_workers.setdefault(child.pid, child)
                     return child
             except psutil.Error:
@@ -239,6 +239,17 @@ class SupervisedRun:
         for proc in self.stray_workers():
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+
+
+#: ``python -m nkat.worker`` runs the supervisor starts that are not a run's worker: the
+#: check of a spec before a run exists, the merge of shards' states.
+WORKER_TOOL_FLAGS = ("--check-spec", "--merge-shards")
+
+
+def is_worker(cmdline: list[str]) -> bool:
+    """Whether a process's command line is a supervised worker's."""
+    return "nkat.worker" in " ".join(cmdline) and not any(
+        flag in cmdline for flag in WORKER_TOOL_FLAGS)
 
 
 def cli_command() -> list[str]:

@@ -71,3 +71,29 @@ def test_the_event_kinds_documented_are_exactly_those_the_code_writes():
     # gave_up is written through Event.gave_up(...)
     written |= {"gave_up"} if "Event.gave_up(" in code else set()
     assert written == documented, f"documented but never written: {documented - written}"
+
+
+def test_tools_import_neither_tests_nor_worker_internals_nor_edit_sys_path():
+    for path in (REPO / "tools").glob("*.py"):
+        text = path.read_text()
+        assert "sys.path" not in text, f"tools/{path.name} edits sys.path"
+        modules = {n for n in _full_imports(path)}
+        assert not any(m == "tests" or m.startswith("tests.") for m in modules), path.name
+        internals = {m for m in modules if m.startswith("nkat.worker.")
+                     and m not in PUBLIC_WORKER_MODULES}
+        assert not internals, f"tools/{path.name} imports worker internals {sorted(internals)}"
+
+
+#: What of the worker a tool may use: the job API and the shipped jobs.
+PUBLIC_WORKER_MODULES = {"nkat.worker.job", "nkat.worker.jobs", "nkat.worker.jobs.nkat_highdim",
+                         "nkat.worker.jobs.nkat_kernels"}
+
+
+def _full_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names

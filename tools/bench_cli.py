@@ -31,6 +31,19 @@ operator gets answers from a live run. All from real processes in this one run.
                                    status.json first held it (the page, which asks the live
                                    supervisor, is often ahead of the disk: then 0).
                                    null, with web_note, without playwright or chromium.
+    notify_lag_ms_p50              a run's ``run.completed`` (the event's log line ``ts``) ->
+                                   the document received by a webhook on 127.0.0.1 (its
+                                   handler's wall clock once the body is read): a fresh
+                                   ``nkat-supervise start --backend numpy`` with
+                                   ``notify_url`` set, run to the end, per sample.
+    preempt_notice_to_durable_ms_p50   a spot notice published on the fake AWS metadata
+                                   service (nkat.supervisor.testing.metadata_fake, at a
+                                   random phase of the default 1 s poll) -> the ``ts`` of
+                                   the ``checkpoint.durable`` line of the run's final
+                                   checkpoint (the one ``run.stopped`` names), for a run
+                                   started with ``preemption=aws`` and ``metadata_url``;
+                                   preempt_breakdown_ms_p50: -> ``preemption.notice`` (seen),
+                                   then -> that checkpoint durable.
 
 The CLI is the ``nkat-supervise`` script beside this interpreter when installed (else
 ``python -m nkat.supervisor``); cli_command says which.
@@ -40,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -53,7 +67,9 @@ from benchlib import (
     EventStream,
     LogTail,
     SupervisedRun,
+    WebhookReceiver,
     cli_command,
+    events_of,
     p50,
     percentile,
     rounded,
@@ -61,6 +77,7 @@ from benchlib import (
 )
 
 from nkat.supervisor import control
+from nkat.supervisor.testing.metadata_fake import measure_notice_latency_ms
 
 ENDLESS = 10**12
 
@@ -88,6 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        watch_s=10 if quick else 30))
         finally:
             live.cleanup()
+        figures.update(notify_lag(base, command, runs=3 if quick else 5))
+        figures.update(preempt_to_durable(base, command, trials=3 if quick else 5))
     return figures
 
 
@@ -201,6 +220,99 @@ def _first_progress(base: Path, command: list[str], run_id: str) -> dict[str, fl
             "spawned": events["worker.spawned"] - events["wal.recovered"],
             "welcomed": events["worker.welcomed"] - events["worker.spawned"],
             "first_beat": first_beat - events["worker.welcomed"]}
+
+
+# Remote signals through a real supervisor -------------------------------------------------
+#: A run that ends in about a second of compute: its run.completed is the event notified.
+NOTIFY_RUN_DIMS = 3 * 10**7
+#: The default preemption_poll_interval: notices land at a random phase of it.
+POLL_S = 1.0
+
+
+def notify_lag(base: Path, command: list[str], runs: int) -> dict[str, Any]:
+    lags = []
+    with WebhookReceiver() as hook:
+        for n in range(runs):
+            run = SupervisedRun(base, f"notify-{n}", {"max_dimension": NOTIFY_RUN_DIMS,
+                                                      "notify_url": hook.url},
+                                backend="numpy", command=command)
+            try:
+                run.start()
+                code = run.wait(120)
+            finally:
+                run.cleanup()
+            completed = [e for e in events_of(run.log_file) if e.get("event") == "run.completed"]
+            arrivals = hook.wait_for(n + 1, 10)
+            if code != 0 or len(completed) != 1 or len(arrivals) <= n:
+                raise RuntimeError(f"bench: run notify-{n} ended {code} with "
+                                   f"{len(completed)} run.completed and {len(arrivals) - n} "
+                                   f"deliveries: {run.stderr_tail(500)}")
+            arrived, document = arrivals[n]
+            if document.get("event") != "run.completed" or document.get("run_id") != run.run_id:
+                raise RuntimeError(f"bench: the webhook got {str(document)[:300]}")
+            lags.append(arrived - completed[0]["_t"])
+    return {"notify_lag_ms_p50": rounded(p50(lags) * 1000, 1),
+            "notify_lag_ms_max": rounded(max(lags) * 1000, 1),
+            "notify_event": "run.completed", "notify_runs": runs}
+
+
+class _Preempted:
+    """One preemption trial's run, for measure_notice_latency_ms."""
+
+    def __init__(self, run: SupervisedRun) -> None:
+        self.run = run
+        self.parts: dict[str, float] = {}
+
+
+def preempt_to_durable(base: Path, command: list[str], trials: int) -> dict[str, Any]:
+    done: list[_Preempted] = []
+    phases = random.Random(17)
+
+    def start(url: str) -> _Preempted:
+        run = SupervisedRun(base, f"preempt-{len(done)}",
+                            {"max_dimension": ENDLESS, "preemption": "aws",
+                             "metadata_url": url, "log_max_bytes": 1 << 30},
+                            backend="numpy", command=command)
+        trial = _Preempted(run)
+        done.append(trial)
+        run.start()
+        # Computing before the notice: the worker has units done.
+        deadline = time.monotonic() + 60
+        while not (run.status() or {}).get("units_done"):
+            if not run.running() or time.monotonic() > deadline:
+                raise RuntimeError(f"bench: {run.run_id} made no progress: "
+                                   f"{run.stderr_tail(500)}")
+            time.sleep(0.02)
+        return trial
+
+    def reached(trial: _Preempted, t_notice: float) -> float:
+        notice_wall = time.time() - (time.monotonic() - t_notice)
+        run = trial.run
+        if run.wait(60) is None:
+            raise RuntimeError(f"bench: {run.run_id} did not stop after the notice")
+        events = list(events_of(run.log_file))
+        stopped = next((e for e in events if e.get("event") == "run.stopped"), None)
+        seen = next((e for e in events if e.get("event") == "preemption.notice"), None)
+        durable = next((e for e in events if e.get("event") == "checkpoint.durable"
+                        and stopped is not None and e.get("ckpt_seq") == stopped.get("ckpt_seq")),
+                       None)
+        if stopped is None or seen is None or durable is None or durable["_t"] < notice_wall:
+            raise RuntimeError(f"bench: {run.run_id} has no final checkpoint after the notice: "
+                               f"{run.stderr_tail(500)}")
+        trial.parts = {"seen": seen["_t"] - notice_wall, "durable": durable["_t"] - seen["_t"]}
+        return t_notice + float(durable["_t"]) - notice_wall
+
+    def stop(trial: _Preempted) -> None:
+        trial.run.cleanup()
+
+    ms = measure_notice_latency_ms("aws", start, reached, stop, trials=trials,
+                                   settle_s=lambda: 0.2 + phases.uniform(0, POLL_S))
+    return {"preempt_notice_to_durable_ms_p50": rounded(p50(ms), 1),
+            "preempt_notice_to_durable_ms_max": rounded(max(ms), 1),
+            "preempt_breakdown_ms_p50": {
+                part: rounded(p50(t.parts[part] * 1000 for t in done), 1)
+                for part in ("seen", "durable")},
+            "preempt_cloud": "aws", "preempt_trials": trials}
 
 
 # The status page in a browser -------------------------------------------------------------

@@ -18,23 +18,27 @@
 
 and, for issue 11 (``bench_nkat_gpu``, ``bench_nkat_exact``):
 
-    gpu_host_cap_dims_per_s    the host side of the CuPy path, its kernels replaced by a
-                               null device returning records of the real shapes and
-                               dtypes: dims per batch over host seconds per batch, batches
-                               sized by the adaptive policy for a modelled GPU
+    gpu_host_cap_dims_per_s    the host side of the CuPy path: ``python -m nkat.worker
+                               --standalone --backend cupy`` on a stand-in CuPy whose
+                               kernels do nothing (tools/null_cupy.py): dims per batch
+                               over host seconds per batch, batches sized by the runner's
+                               adaptive policy for a modelled GPU (bench_nkat_gpu)
     nkat_cpu_vs_native         the CPU backend on every core over a single-pass native C
                                loop of the same formula and sums, compiled here with the
                                system compiler (-O3 -march=native -fopenmp), every core
     nkat_rel_error_1e8         largest relative error of the deterministic figures of a
                                balanced run over [1000, 10^8] (10^7 with --quick) against
                                an exact reference (math.fsum over chunks)
-    split_invariance           1 when batch sizes 1, 7 and adaptive and 1, 2 and 5 shards
-                               merged give byte-identical deterministic blocks
+    split_invariance           1 when batch sizes 1, 7 and adaptive (``python -m
+                               nkat.worker --standalone``) and 1, 2 and 5 shards merged
+                               (the job API's merge_state) give byte-identical
+                               deterministic blocks
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -117,28 +121,23 @@ def numexpr_style(max_n: int) -> float:
     return float(total + sq + cs + cw + best + worst)
 
 
-_RSS_CHILD = """
-import json, resource, sys, time
-sys.path.insert(0, {tools!r})
-from bench_nkat import run_job
-t = time.perf_counter()
-result = run_job({{"max_dimension": {max_n}}})
-print(json.dumps({{"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "seconds": time.perf_counter() - t,
-                  "count": result["summary"]["total_dimensions"]}}))
-"""
-
-
 def _rss_run(max_n: int) -> dict[str, Any]:
-    from pathlib import Path
-
-    code = _RSS_CHILD.format(tools=str(Path(__file__).resolve().parent), max_n=max_n)
-    out = subprocess.run([sys.executable, "-c", code], check=True,
+    """Peak RSS and wall time of ``run_job`` over ``max_n`` dimensions in a fresh
+    interpreter: this file run as a script (``--rss-child N``)."""
+    out = subprocess.run([sys.executable, __file__, "--rss-child", str(max_n)], check=True,
                          capture_output=True, text=True)
-    figures = json.loads(out.stdout)
+    figures: dict[str, Any] = json.loads(out.stdout)
     if figures["count"] != max_n:
         raise RuntimeError(f"run of {max_n} dimensions counted {figures['count']}")
     return figures
+
+
+def _rss_child(max_n: int) -> None:
+    started = time.perf_counter()
+    result = run_job({"max_dimension": max_n})
+    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "seconds": time.perf_counter() - started,
+                      "count": result["summary"]["total_dimensions"]}))
 
 
 def _best_rate(fn: Any, dims: int) -> float:
@@ -193,3 +192,10 @@ def run(args: Any) -> dict[str, Any]:
         "nkat_big_run_seconds": round(big_run["seconds"], 2),
         "nkat_peak_rss_ratio_1e9_vs_1e6": round(big_run["rss_kb"] / small_run["rss_kb"], 3),
     }
+
+
+if __name__ == "__main__":
+    # Only the fresh interpreter of _rss_run runs this file directly.
+    if len(sys.argv) != 3 or sys.argv[1] != "--rss-child":
+        sys.exit("usage: python tools/bench.py nkat [--json] [--quick]")
+    _rss_child(int(sys.argv[2]))

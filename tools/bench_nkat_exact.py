@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import standalone  # run as a script: tools/ is on the path
 
-from nkat.worker import state
 from nkat.worker.job import RunContext
 from nkat.worker.jobs import nkat_kernels as nk
 from nkat.worker.jobs.nkat_highdim import NkatHighDim
-from nkat.worker.settings import Settings
-from nkat.worker.shards import Shard, finalize_shards
 
 # The job's formula and sums in one pass over N, a unit of 65536 N per OpenMP iteration:
 # S and q as nkat_kernels computes them, Σ(S − K), Σ(S − K)², Σq, Σq², Σw2·q and the
@@ -88,6 +86,12 @@ def _compile_native(tmp: Path) -> ctypes.CDLL:
     return native
 
 
+def _cores() -> int:
+    """Every core this process may run on: what ``cpu_threads = 0`` (the default) gives
+    the job in a worker."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def _cpu_run(max_n: int, threads: int) -> None:
     job = NkatHighDim({"max_dimension": max_n})
     job.set_cpu_threads(threads)
@@ -99,7 +103,7 @@ def _cpu_run(max_n: int, threads: int) -> None:
 
 def cpu_vs_native(quick: bool = False) -> dict[str, Any]:
     max_n = 2 * 10**6 if quick else 2 * 10**7
-    threads = Settings().threads()
+    threads = _cores()
     exp_from = nk.exp_zero_from("float64")
     with tempfile.TemporaryDirectory(prefix="nkat-native-") as tmp:
         try:
@@ -188,7 +192,7 @@ def rel_error(max_n: int) -> dict[str, Any]:
     lo = 1000
     params = {"min_dimension": lo, "max_dimension": max_n, "precision_mode": "balanced"}
     job = NkatHighDim(params)
-    job.set_cpu_threads(Settings().threads())
+    job.set_cpu_threads(_cores())
     total = job.units_total()
     for first in range(0, total, 64):
         count = min(64, total - first)
@@ -225,35 +229,30 @@ def _blocks(result: dict[str, Any]) -> str:
 
 
 def _runner_result(batch_size: int, adaptive: bool) -> str:
-    from bench_nkat_gpu import _NullBackend, _QuietLink
-
-    from nkat.worker.failpoints import Failpoints
-    from nkat.worker.heartbeat import Board
-    from nkat.worker.runtime import Runner
-
-    job = NkatHighDim(SPLIT_PARAMS)
-    runner = Runner(job, _NullBackend(np), Settings(batch_size=batch_size,
-                                                    batch_size_adaptive=adaptive),
-                    _QuietLink(), Board(), Failpoints([], 1), epoch=1, spec_hash="bench",
-                    checkpoints=False)
-    return _blocks(runner.run())
+    """The job through the worker's own loop: ``python -m nkat.worker --standalone``."""
+    result, _ = standalone({**SPLIT_PARAMS, "batch_size": batch_size,
+                            "batch_size_adaptive": adaptive}, backend="numpy")
+    return _blocks(result)
 
 
 def _sharded_result(shards: int) -> str:
+    """The units cut into ``shards`` ranges, each computed by a job of its own in batches
+    of 13 units; the shards' snapshots merged into one job in reverse order (the job
+    API's ``merge_state``, as ``python -m nkat.worker --merge-shards`` merges them)."""
     job = NkatHighDim(SPLIT_PARAMS)
     total = job.units_total()
     bounds = [round(total * i / shards) for i in range(shards + 1)]
-    states = []
+    snapshots = []
     for first, stop in itertools.pairwise(bounds):
         part = NkatHighDim(SPLIT_PARAMS)
         part.set_cpu_threads(2)
         for at in range(first, stop, 13):
             count = min(13, stop - at)
             part.merge_batch(at, count, part.compute_batch(np, at, count).wait())
-        states.append(Shard((first, stop), state.wrap(part.snapshot(), stop - first,
-                                                      state.COUNTERS)))
-    spec = {"job": "nkat-highdim", "params": SPLIT_PARAMS}
-    return _blocks(finalize_shards(spec, states[::-1], {}))
+        snapshots.append(part.snapshot())
+    for snapshot in reversed(snapshots):
+        job.merge_state(snapshot)
+    return _blocks(job.finalize(RunContext("numpy", "cpu", shards, 0, 1.0, 0, "bench")))
 
 
 def split_invariance() -> dict[str, Any]:

@@ -1,25 +1,24 @@
 """Remote signals: how fast a notification reaches a webhook, and how fast a cloud's
 preemption notice is seen. ``python tools/bench.py remote [--json] [--quick]``.
 
-Figures (one run, on this machine, loopback only):
-  notify_lag_ms_p50 / _max          submit -> the webhook receiver has the document
+The parts alone, in this process. Figures (one run, on this machine, loopback only):
+  notify_submit_lag_ms_p50 / _max   Notifier.submit -> the webhook receiver has the document
   preempt_notice_to_seen_ms_p50_<cloud>   notice published -> PreemptionWatch has it,
                                     at preemption_poll_interval 1 s (GCP: hanging GET)
 
-The supervisor adds a durable checkpoint after the notice is seen; tools/bench_cli.py
-measures notice -> durable with `measure_notice_latency_ms` once the run loop acts on it.
+The whole way through a real supervisor is ``bench.py cli``'s: notify_lag_ms_p50 (the
+event's log line -> the webhook has it) and preempt_notice_to_durable_ms_p50 (notice ->
+the run's final checkpoint durable), with the same receiver and `measure_notice_latency_ms`.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from benchlib import p50  # run as a script: tools/ is on the path
+from benchlib import WebhookReceiver, p50  # run as a script: tools/ is on the path
 
 from nkat.supervisor.notifier import Notifier
 from nkat.supervisor.notify import NotifyEvent, NotifySettings
@@ -33,39 +32,22 @@ class _NullLog:
         return lambda *args, **kwargs: None
 
 
-def notify_lag_ms(trials: int) -> list[float]:
+def notify_submit_lag_ms(trials: int) -> list[float]:
     """Submit -> received, per event, against a receiver on 127.0.0.1."""
-    arrived = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            arrived.set()
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/hook"
-    notifier = Notifier(NotifySettings(notify_url=url), _NullLog())
     samples = []
-    try:
-        for n in range(trials):
-            arrived.clear()
-            started = time.monotonic()
-            notifier.submit(NotifyEvent("worker.crash_loop", "bench", {"n": n}, time.time()))
-            if not arrived.wait(10):
-                raise RuntimeError("the webhook never received the event")
-            samples.append((time.monotonic() - started) * 1000.0)
-            notifier.wait_idle(5)
-    finally:
-        notifier.close(timeout=2)
-        server.shutdown()
-        server.server_close()
+    with WebhookReceiver() as hook:
+        notifier = Notifier(NotifySettings(notify_url=hook.url), _NullLog())
+        try:
+            for n in range(trials):
+                submitted = time.time()
+                notifier.submit(NotifyEvent("worker.crash_loop", "bench", {"n": n}, submitted))
+                arrivals = hook.wait_for(n + 1, 10)
+                if len(arrivals) <= n:
+                    raise RuntimeError("the webhook never received the event")
+                samples.append((arrivals[n][0] - submitted) * 1000.0)
+                notifier.wait_idle(5)
+        finally:
+            notifier.close(timeout=2)
     return samples
 
 
@@ -90,9 +72,9 @@ def preempt_seen_ms(cloud: str, trials: int, interval: float = 1.0) -> list[floa
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     trials = 5 if args.quick else 20
-    lags = notify_lag_ms(trials)
-    figures = {"notify_lag_ms_p50": round(p50(lags), 2),
-               "notify_lag_ms_max": round(max(lags), 2)}
+    lags = notify_submit_lag_ms(trials)
+    figures = {"notify_submit_lag_ms_p50": round(p50(lags), 2),
+               "notify_submit_lag_ms_max": round(max(lags), 2)}
     for cloud in CLOUDS:
         seen = preempt_seen_ms(cloud, 3 if args.quick else 10)
         figures[f"preempt_notice_to_seen_ms_p50_{cloud}"] = round(p50(seen), 1)

@@ -37,11 +37,13 @@ supervisor costs itself. Every figure comes from real processes in this one run.
                                   job process's CPU seconds (bare / supervised worker, from
                                   the reaped children's rusage). overhead_checkpoints_per_run:
                                   the fewest checkpoints a supervised run took.
-    checkpoint_stall_ms_p99       main-loop time per checkpoint (Runner._checkpoint: snapshot
-                                  and hand-off to the I/O thread), in-process: a Runner on the
-                                  NKAT job with a real worker Channel, checkpoint_interval 0.05
-                                  s, acknowledged by a ROUTER thread at once. _no_io_thread:
-                                  a link that acks in place, so the snapshot alone.
+    checkpoint_stall_ms_p99       main-loop time per checkpoint: a supervised run (nkat-supervise
+                                  start, its WAL and acks) of the NKAT job with a stopwatch
+                                  (tools/timed_job.py: from the runtime's call of snapshot()
+                                  to its next compute_batch, so the snapshot, the hand-off to
+                                  the I/O thread and the loop's own bookkeeping),
+                                  checkpoint_interval 0.05 s. _no_io_thread: the job's
+                                  snapshot alone, timed in-process through the job API.
     supervisor_cpu_ratio          supervisor CPU s / worker CPU s over those supervised runs
                                   (psutil, sampled every 0.2 s, last sample before the worker
                                   exits), the supervisor's start-up included; the larger of
@@ -59,13 +61,13 @@ import os
 import random
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 from benchlib import (
     EventStream,
@@ -73,12 +75,15 @@ from benchlib import (
     SupervisedRun,
     children_cpu_seconds,
     cpu_seconds,
+    events_of,
     p50,
     peak_rss_bytes,
     percentile,
     rounded,
     standalone,
 )
+
+from nkat.worker.jobs.nkat_highdim import NkatHighDim
 
 #: A job that outlasts any recovery trial (it is ended by the bench).
 ENDLESS = 10**12
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures.update(hangs(base, trials=1 if quick else 3))
         figures.update(overhead(base, dims=6 * 10**8 if quick else 9 * 10**9,
                                 rounds=1 if quick else 2))
-    figures.update(checkpoint_stall(dims=3 * 10**8 if quick else 10**9))
+        figures.update(checkpoint_stall(base, dims=3 * 10**8 if quick else 10**9))
     return figures
 
 
@@ -373,63 +378,28 @@ def _supervised_once(base: Path, run_id: str, params: dict[str, Any]) -> dict[st
 
 # Checkpoint stall -------------------------------------------------------------------------
 
-def checkpoint_stall(dims: int) -> dict[str, Any]:
-    """Time Runner._checkpoint in-process, with a real Channel to an acking ROUTER."""
-    import zmq
-
-    from nkat.protocol.messages import PROTOCOL_VERSION, Ack, Ckpt, Hello, decode, encode
-    from nkat.worker.backend import select_backend
-    from nkat.worker.channel import Channel
-    from nkat.worker.failpoints import Failpoints
-    from nkat.worker.heartbeat import Board, Heartbeat
-    from nkat.worker.jobs.nkat_highdim import NkatHighDim
-    from nkat.worker.runtime import Runner
-    from nkat.worker.settings import Settings
-
-    stalls: list[float] = []
-    sizes: list[int] = []
-    with tempfile.TemporaryDirectory(prefix="nkat-bench-ckpt-") as tmp:
-        endpoint = f"ipc://{tmp}/worker"
-        ctx = zmq.Context()
-        router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.bind(endpoint)
-        stop = threading.Event()
-
-        def acker() -> None:
-            while not stop.is_set():
-                if not router.poll(50):
-                    continue
-                ident, payload = router.recv_multipart()
-                msg = decode(payload)
-                if isinstance(msg, Ckpt):
-                    sizes.append(len(msg.state))
-                    router.send_multipart([ident, encode(Ack(epoch=msg.epoch,
-                                                             ckpt_seq=msg.ckpt_seq))])
-
-        thread = threading.Thread(target=acker, daemon=True)
-        thread.start()
-        board = Board()
-        backend = select_backend("auto")
-        settings = Settings(checkpoint_interval=0.05)
-        channel = Channel(endpoint, epoch=1, heartbeat=Heartbeat(board, 1),
-                          supervisor_pid=os.getppid(), routing_id=b"bench")
-        channel.start(Hello(epoch=1, token="bench", pid=os.getpid(), job="nkat-highdim",
-                            proto=PROTOCOL_VERSION, backend=backend.name,
-                            device=backend.device))
-        channel.start_beats(settings)
-        try:
-            runner = Runner(NkatHighDim({"max_dimension": dims, "unit_dims": UNIT_DIMS}),
-                            backend, settings, channel, board, Failpoints([], 1), epoch=1,
-                            spec_hash="bench", checkpoints=True)
-            stalls.extend(_timed_checkpoints(runner))
-        finally:
-            channel.close(flush_s=0.5)
-            stop.set()
-            thread.join(2.0)
-            router.close()
-            ctx.term()
-    ms = [s * 1000 for s in stalls]
+def checkpoint_stall(base: Path, dims: int) -> dict[str, Any]:
+    """A supervised run of the NKAT job with a stopwatch on its checkpoints (tools/
+    timed_job.py), checkpointing every 0.05 s; the stalls come back in its result."""
+    # A custom job takes its params as params.NAME.
+    params = {"job": "timed_job:CheckpointTimedNkat", "params.max_dimension": dims,
+              "params.unit_dims": UNIT_DIMS, "checkpoint_interval": 0.05,
+              "log_max_bytes": 1 << 30}
+    tools = str(Path(__file__).resolve().parent)
+    run = SupervisedRun(base, "checkpoint-stall", params, env={"PYTHONPATH": os.pathsep.join(
+        p for p in (tools, os.environ.get("PYTHONPATH")) if p)})
+    try:
+        run.start()
+        code = run.wait(600)
+    finally:
+        run.cleanup()
+    result = run.result()
+    if code != 0 or result is None:
+        raise RuntimeError(f"bench: the checkpoint-stall run failed ({code}): "
+                           f"{run.stderr_tail(500)}")
+    ms = [s * 1000 for s in result["performance"]["checkpoint_stalls_s"]]
+    sizes = [int(e.get("bytes", 0)) for e in events_of(run.log_file)
+             if e.get("event") == "checkpoint.durable"]
     alone = [s * 1000 for s in _snapshot_alone(dims // 3)]
     return {"checkpoint_stall_ms_p99": rounded(percentile(ms, 0.99)),
             "checkpoint_stall_ms_p50": rounded(percentile(ms, 0.50)),
@@ -439,52 +409,20 @@ def checkpoint_stall(dims: int) -> dict[str, Any]:
             "checkpoint_stall_ms_p99_no_io_thread": rounded(percentile(alone, 0.99))}
 
 
-def _snapshot_alone(dims: int) -> list[float]:
-    """The same timing with a link that acks at once and has no I/O thread: the job's
-    snapshot and the runtime's bookkeeping alone, without the hand-off's GIL traffic."""
-    import queue
-
-    from nkat.protocol.messages import Ack, Message
-    from nkat.worker.backend import select_backend
-    from nkat.worker.failpoints import Failpoints
-    from nkat.worker.heartbeat import Board
-    from nkat.worker.jobs.nkat_highdim import NkatHighDim
-    from nkat.worker.runtime import Runner
-    from nkat.worker.settings import Settings
-
-    class AckingLink:
-        def __init__(self) -> None:
-            self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-
-        def log(self, level: str, event: str, fields: Any) -> None:
-            pass
-
-        def extend(self, seconds: float, reason: str) -> None:
-            pass
-
-        def beat_now(self) -> None:
-            pass
-
-        def post_ckpt(self, ckpt_seq: int, units_done: int, job_state: bytes,
-                      runtime: Any) -> None:
-            self.inbox.put(Ack(epoch=1, ckpt_seq=ckpt_seq))
-
-    runner = Runner(NkatHighDim({"max_dimension": dims, "unit_dims": UNIT_DIMS}),
-                    select_backend("auto"), Settings(checkpoint_interval=0.05), AckingLink(),
-                    Board(), Failpoints([], 1), epoch=1, spec_hash="bench", checkpoints=True)
-    return _timed_checkpoints(runner)
-
-
-def _timed_checkpoints(runner: Any) -> list[float]:
-    """Run ``runner`` to the end, timing each of its checkpoints on the main loop."""
+def _snapshot_alone(dims: int, interval: float = 0.05) -> list[float]:
+    """The job's snapshot alone, timed in this process through the job API at the same
+    cadence: no runtime, no I/O thread, no hand-off."""
+    job = NkatHighDim({"max_dimension": dims, "unit_dims": UNIT_DIMS})
+    job.set_cpu_threads(len(os.sched_getaffinity(0)))
+    total, batch = job.units_total(), NkatHighDim.default_batch_units
     stalls: list[float] = []
-    inner = runner._checkpoint
-
-    def timed() -> None:
-        started = time.perf_counter()
-        inner()
-        stalls.append(time.perf_counter() - started)
-
-    runner._checkpoint = timed
-    runner.run()
+    last = time.monotonic()
+    for first in range(0, total, batch):
+        count = min(batch, total - first)
+        job.merge_batch(first, count, job.compute_batch(np, first, count).wait())
+        if time.monotonic() - last >= interval:
+            started = time.perf_counter()
+            job.snapshot()
+            stalls.append(time.perf_counter() - started)
+            last = time.monotonic()
     return stalls

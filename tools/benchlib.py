@@ -26,8 +26,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +152,7 @@ class SupervisedRun:
             return None
         for child in children:
             try:
-                if "nkat.worker" in " ".join(child.cmdline()) and alive(child):
+                if is_worker(child.cmdline()) and alive(child):
                     self._seen_workers.setdefault(child.pid, child)
                     return child
             except psutil.Error:
@@ -188,9 +190,10 @@ class SupervisedRun:
 
     def result(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.result_file.read_text())
+            result: dict[str, Any] = json.loads(self.result_file.read_text())
         except (OSError, ValueError):
             return None
+        return result
 
     def status(self, timeout: float = 0.5) -> dict[str, Any] | None:
         """The live status from the control socket, None when nobody answers."""
@@ -236,6 +239,17 @@ class SupervisedRun:
         for proc in self.stray_workers():
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+
+
+#: ``python -m nkat.worker`` runs the supervisor starts that are not a run's worker: the
+#: check of a spec before a run exists, the merge of shards' states.
+WORKER_TOOL_FLAGS = ("--check-spec", "--merge-shards")
+
+
+def is_worker(cmdline: list[str]) -> bool:
+    """Whether a process's command line is a supervised worker's."""
+    return "nkat.worker" in " ".join(cmdline) and not any(
+        flag in cmdline for flag in WORKER_TOOL_FLAGS)
 
 
 def cli_command() -> list[str]:
@@ -405,3 +419,58 @@ def peak_rss_bytes(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+class WebhookReceiver:
+    """A webhook on 127.0.0.1 that answers every POST with 200 and keeps what arrived:
+    ``received`` holds (wall time the whole body was read, the JSON document).
+
+        with WebhookReceiver() as hook:
+            ... notify_url = hook.url ...
+            (arrived, document), = hook.wait_for(1, timeout=10)
+    """
+
+    def __init__(self) -> None:
+        self.received: list[tuple[float, Any]] = []
+        self._cond = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                arrived = time.time()
+                try:
+                    document = json.loads(body)
+                except ValueError:
+                    document = None
+                with receiver._cond:
+                    receiver.received.append((arrived, document))
+                    receiver._cond.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/hook"
+
+    def wait_for(self, count: int, timeout: float) -> list[tuple[float, Any]]:
+        """The first ``count`` deliveries, waiting up to ``timeout``; fewer if they do not
+        come."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.received) >= count, timeout)
+            return list(self.received[:count])
+
+    def __enter__(self) -> WebhookReceiver:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

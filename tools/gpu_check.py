@@ -21,6 +21,7 @@ matched, 1 on any mismatch, 2 when a check could not run (no GPU, no CuPy, a run
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -30,9 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import LogTail, SupervisedRun, deterministic, standalone  # noqa: E402
+from benchlib import (  # run as a script: tools/ is on the path
+    LogTail,
+    SupervisedRun,
+    deterministic,
+    standalone,
+)
 
 #: CuPy against NumPy: different log/exp implementations differ by an ulp or two per N,
 #: and the per-unit trees differ; after exact accumulation that leaves ~1e-15 relative.
@@ -120,6 +124,10 @@ def _run(params: dict[str, Any], backend: str) -> tuple[dict[str, Any], float]:
         raise CannotRun(f"{backend} run of {params}: {exc}") from exc
 
 
+def _durable_in(epoch: int, event: dict[str, Any]) -> bool:
+    return event.get("event") == "checkpoint.durable" and event.get("epoch") == epoch
+
+
 def supervised_kills(params: dict[str, Any], reference: dict[str, Any], budget_s: float,
                      kills: int = 2) -> dict[str, Any]:
     """A supervised CuPy run whose worker is SIGKILLed ``kills`` times, each after a
@@ -137,8 +145,7 @@ def supervised_kills(params: dict[str, Any], reference: dict[str, Any], budget_s
             while done_kills < kills:
                 left = deadline - time.monotonic()
                 epoch = done_kills + 1
-                event = log.follow(lambda e, epoch=epoch: e.get("event") == "checkpoint.durable"
-                                   and e.get("epoch") == epoch, left,
+                event = log.follow(functools.partial(_durable_in, epoch), left,
                                    alive_check=run.running)
                 if event is None:
                     raise CannotRun(f"no durable checkpoint in epoch {done_kills + 1} "

@@ -219,7 +219,8 @@ def measure_notice_latency_ms(
     After ``settle_s`` seconds (a callable: drawn per trial, e.g. a random phase of the
     poll cycle) the notice is published; ``reached(handle, t_notice)`` blocks until
     the outcome (a notice seen; a durable checkpoint) and returns its time.monotonic();
-    ``stop(handle)`` cleans up. Use ``statistics.median`` of the result for a p50.
+    ``stop(handle)`` cleans up. The benchmarks take its p50 with tools/benchlib.py's one
+    percentile definition.
     """
     samples = []
     for _ in range(trials):

@@ -95,6 +95,8 @@ class Driver:
         try:
             self._bind()
             self.journal = self._open_journal()
+            # The agents start while the journal opens the WAL: both take a new process.
+            self._scale(len(self.run_dir.info.shards))
             self.snapshot = self.ray.get(self.journal.snapshot.remote())
             self.pending.extend(k for k, s in enumerate(self.snapshot["shards"])
                                 if not s["done"])
@@ -159,10 +161,13 @@ class Driver:
     def _capacity(self) -> int:
         return int(self.ray.cluster_resources().get(self.resource, 0))
 
-    def _scale(self) -> None:
-        """As many agents as the cluster has room for, and the shards need."""
+    def _scale(self, needed: int | None = None) -> None:
+        """As many agents as the cluster has room for, and the shards need (``needed``:
+        before the journal says how many shards are left)."""
         running = sum(1 for a in self.agents.values() if a.call is not None)
-        want = min(self._capacity(), len(self.pending) + running)
+        if needed is None:
+            needed = len(self.pending) + running
+        want = min(self._capacity(), needed)
         idle = [a for a in self.agents.values() if a.call is None]
         while len(self.agents) > want and idle:
             self._drop(idle.pop())

@@ -93,7 +93,8 @@ class NodeAgent:
         gpus = ray.get_gpu_ids()
         gpu_index = int(gpus[0]) if gpus else int(self.job.config["gpu_index"])
         scratch = Path(tempfile.mkdtemp(prefix="nkat-node-"))
-        config = Config(self.job.config, self.job.sources)
+        config = _fit_threads(Config(self.job.config, self.job.sources), task.backend,
+                              ray.get_runtime_context().get_assigned_resources())
         run = RunDir.create(scratch, f"s{task.shard}", self.job.spec, self.job.config,
                             self.job.job_env, task.spans)
         log, sink = open_run_log(run.log_file, run_id=self.job.run_id,
@@ -130,6 +131,15 @@ class NodeAgent:
         return ShardOutcome(task.shard, task.attempt, kind, code,
                             outcome.reason if outcome else None, node, kept,
                             tuple(remote.round_trips))
+
+
+def _fit_threads(config: Config, backend: str, assigned: dict[str, float]) -> Config:
+    """A NumPy worker computes on the CPUs Ray gave its agent, not on every core of the
+    node (agents share the node); an explicit ``cpu_threads`` is kept."""
+    cpus = int(assigned.get("CPU", 0))
+    if backend != "numpy" or config["cpu_threads"] or cpus < 1:
+        return config
+    return config.with_overrides({"cpu_threads": cpus}, "ray")
 
 
 def _facts(job: NodeJob, task: ShardTask) -> RunFacts:

@@ -29,7 +29,7 @@ from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
 
 JOB = ["max_dimension=600000000", "unit_dims=1048576"]  # 573 units, 12 shards on 3 nodes
 #: Every unit takes a little while on the nodes, so the faults land mid-run.
-CRAWL = ";".join(f"stall@unit={k}:seconds=0.03" for k in range(573))
+CRAWL = ";".join(f"stall@unit={k}:seconds=0.02" for k in range(573))
 QUICK = ["restart_delay=0.05", "checkpoint_interval=0.3", "segment_size=1048576",
          "ray_resource=nkat", "ray_lease=10"]
 
@@ -130,6 +130,7 @@ def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, clus
                for k in kinds)
 
 
+@pytest.mark.slow  # the node's restart is the local loop's, which the kill -9 tests cover
 def test_sigkilled_shard_workers_restart_on_their_nodes(tmp_path, cluster, expected):
     run = ray_run(tmp_path, cluster)
     run.start()

@@ -1107,13 +1107,15 @@ class RunController:
         self._log("info", "run.stopping", reason=why, epoch=self.run.epoch)
         waiting = True
         for slot in self.run.workers.values():
+            # The reason is a requested stop; the detail says who asked (an operator,
+            # SIGTERM at a shutdown, a cloud's preemption notice).
             if slot.state in (WorkerState.RUNNING, WorkerState.PAUSED):
-                self._begin_kill(slot, KillReason.OPERATOR)
+                self._begin_kill(slot, KillReason.OPERATOR, detail=why)
                 waiting = False
             elif slot.state is WorkerState.STARTING:
                 # Nothing to save before the handshake, and a worker not yet welcomed
                 # cannot obey cmd stop: end it at once.
-                self._begin_kill(slot, KillReason.OPERATOR_NOW)
+                self._begin_kill(slot, KillReason.OPERATOR_NOW, detail=why)
                 waiting = False
             elif slot.state.has_process:
                 waiting = False  # already being ended: its exit records the stop

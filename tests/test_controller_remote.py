@@ -92,6 +92,9 @@ def test_a_preemption_notice_checkpoints_stops_and_leaves_the_run_for_the_next_b
     assert event.fields["cloud"] == "aws"
     (stop,) = s.cmds("stop")
     assert stop.args["deadline_s"] == 10.0  # within the notice's 30 s, with a margin
+    (killing,) = s.events("worker.killing")  # a requested stop, saying who asked
+    assert killing["detail"] == "preemption notice from aws"
+    assert s.levels("worker.killing") == ["info"]
     s.ckpt(2, 20)  # the final checkpoint
     assert [a.ckpt_seq for a in s.messages(m.Ack)] == [1, 2]
     s.tick()

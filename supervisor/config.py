@@ -215,6 +215,10 @@ def check_relations(values: Mapping[str, Any]) -> None:
                           "worker would look unresponsive")
     if values["ack_resend"] >= values["supervisor_timeout"]:
         raise ConfigError("ack_resend must be shorter than supervisor_timeout")
+    if values["engine"] == "ray" and values["ray_lease"] >= values["supervisor_timeout"]:
+        raise ConfigError(f"ray_lease ({values['ray_lease']}) must be shorter than "
+                          f"supervisor_timeout ({values['supervisor_timeout']}): a Ray node "
+                          "waits that long for the driver before its worker gives up waiting")
     addr = values["metrics_addr"]
     if addr is not None:
         host, _, port = addr.rpartition(":")

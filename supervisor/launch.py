@@ -45,7 +45,15 @@ from nkat.supervisor.ops.progress import ProgressDisplay
 from nkat.supervisor.ops.stdout import say as print_line
 from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.preemption import PreemptionSettings
-from nkat.supervisor.rundir import RunDir, RunDirError, RunLocked, list_runs, new_run_id
+from nkat.supervisor.rundir import (
+    WAL_LOCK_WAIT_S,
+    RunDir,
+    RunDirError,
+    RunLocked,
+    WalLock,
+    list_runs,
+    new_run_id,
+)
 from nkat.supervisor.spawn import JobFacts
 from nkat.supervisor.supervise import Shell
 from nkat.supervisor.wal import (
@@ -253,49 +261,71 @@ def _supervise_locked(run: RunDir, config: Config, *, how: str, quiet: bool,
     # A reader that went away silences start's lines; it must not end the run.
     say = (lambda text: None) if quiet else print_line
     try:
-        run_payload = {"run_id": run.run_id, "spec": run.info.spec,
-                       "spec_hash": run.info.spec_hash, "created": run.info.created}
-        try:
-            wal = Wal.open(run.wal_dir, run.blob_dir, run=run_payload, salvage=salvage,
-                           backup_checkpoints=config["backup_checkpoints"],
-                           segment_size=config["segment_size"], create=how == "new")
-        except WalForeign as exc:
-            log.critical("wal.foreign", error=str(exc))
-            print(f"nkat-supervise: error: the write-ahead log in {run.wal_dir} is not this "
-                  f"run's: {exc}\n  The run will not start; move that log back to its own run "
-                  "directory.", file=sys.stderr)
-            return ExitCode.GAVE_UP
-        except WalTruncated as exc:
-            log.critical("wal.truncated", error=str(exc))
-            print(f"nkat-supervise: error: the write-ahead log of run {run.run_id} has lost its "
-                  f"newest part: {exc}\n  Acknowledged records, an operator's stop among them, "
-                  f"may be gone, so the run will not start. Inspect it with `nkat-supervise "
-                  f"verify {run.run_id}`; to resume from the newest checkpoint left, start "
-                  "again with --salvage.", file=sys.stderr)
-            return ExitCode.GAVE_UP
-        except WalCorrupted as exc:
-            log.critical("wal.corrupt", error=str(exc))
-            print(f"nkat-supervise: error: the write-ahead log of run {run.run_id} is corrupt: "
-                  f"{exc}\n  Acknowledged data is damaged, so the run will not start. "
-                  f"Inspect it with `nkat-supervise verify {run.run_id}`; to fall back to the "
-                  f"newest intact checkpoint, start again with --salvage.", file=sys.stderr)
-            return ExitCode.GAVE_UP
-        except (WalError, OSError) as exc:
-            log.critical("wal.open_failed", error=str(exc))
-            print(f"nkat-supervise: error: cannot open the write-ahead log: {exc}",
-                  file=sys.stderr)
-            return ExitCode.GAVE_UP
-        try:
-            return _run_with_wal(run, config, wal, log, how=how, say=say, quiet=quiet,
-                                 sim_gpu=sim_gpu)
+        try:  # a killed Ray driver's journal actor may hold the WAL for a moment longer
+            writer = run.take_wal_lock(WAL_LOCK_WAIT_S, on_wait=lambda text: (
+                log.warning("wal.lock_wait", detail=text), say(text)))
+        except RunLocked as exc:
+            log.error("wal.locked", error=str(exc))
+            print(f"nkat-supervise: error: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
+        try:  # released on every path (hand_over lets go earlier, for the journal)
+            return _open_and_run(run, config, log, say, writer, how=how, quiet=quiet,
+                                 sim_gpu=sim_gpu, salvage=salvage)
         finally:
-            wal.close()
+            writer.release()
     finally:
         sink.close()
 
 
+def _open_and_run(run: RunDir, config: Config, log: Any, say: Any, writer: WalLock, *,
+                  how: str, quiet: bool, sim_gpu: str | None, salvage: bool) -> ExitCode:
+    """Open and recover the WAL (each damage said as such), then run on it."""
+    run_payload = {"run_id": run.run_id, "spec": run.info.spec,
+                   "spec_hash": run.info.spec_hash, "created": run.info.created}
+    try:
+        wal = Wal.open(run.wal_dir, run.blob_dir, run=run_payload, salvage=salvage,
+                       backup_checkpoints=config["backup_checkpoints"],
+                       segment_size=config["segment_size"], create=how == "new")
+    except WalForeign as exc:
+        log.critical("wal.foreign", error=str(exc))
+        print(f"nkat-supervise: error: the write-ahead log in {run.wal_dir} is not this "
+              f"run's: {exc}\n  The run will not start; move that log back to its own run "
+              "directory.", file=sys.stderr)
+        return ExitCode.GAVE_UP
+    except WalTruncated as exc:
+        log.critical("wal.truncated", error=str(exc))
+        print(f"nkat-supervise: error: the write-ahead log of run {run.run_id} has lost its "
+              f"newest part: {exc}\n  Acknowledged records, an operator's stop among them, "
+              f"may be gone, so the run will not start. Inspect it with `nkat-supervise "
+              f"verify {run.run_id}`; to resume from the newest checkpoint left, start "
+              "again with --salvage.", file=sys.stderr)
+        return ExitCode.GAVE_UP
+    except WalCorrupted as exc:
+        log.critical("wal.corrupt", error=str(exc))
+        print(f"nkat-supervise: error: the write-ahead log of run {run.run_id} is corrupt: "
+              f"{exc}\n  Acknowledged data is damaged, so the run will not start. "
+              f"Inspect it with `nkat-supervise verify {run.run_id}`; to fall back to the "
+              f"newest intact checkpoint, start again with --salvage.", file=sys.stderr)
+        return ExitCode.GAVE_UP
+    except (WalError, OSError) as exc:
+        log.critical("wal.open_failed", error=str(exc))
+        print(f"nkat-supervise: error: cannot open the write-ahead log: {exc}",
+              file=sys.stderr)
+        return ExitCode.GAVE_UP
+
+    def hand_over() -> None:
+        wal.close()
+        writer.release()
+
+    try:
+        return _run_with_wal(run, config, wal, log, how=how, say=say, quiet=quiet,
+                             sim_gpu=sim_gpu, hand_over=hand_over)
+    finally:
+        hand_over()
+
+
 def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, say: Any,
-                  quiet: bool, sim_gpu: str | None) -> ExitCode:
+                  quiet: bool, sim_gpu: str | None, hand_over: Any) -> ExitCode:
     recovery = wal.recovery
     log.info("wal.recovered", records=recovery.records,
              torn_tail_repaired=recovery.torn_tail_repaired, salvaged=recovery.salvaged,
@@ -327,7 +357,8 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
         log.warning("run.state_dir_on_windows", advice=advice)
         say(advice)
     if config["engine"] == "ray":
-        return _run_on_ray(run, config, wal, log, say=say, quiet=quiet, sim_gpu=sim_gpu)
+        return _run_on_ray(run, config, wal, log, say=say, quiet=quiet, sim_gpu=sim_gpu,
+                           hand_over=hand_over)
     gpus = run_gpus(run, config, sim_gpu)
     probe = open_probe(config, sim_gpu, log, say, time.monotonic(), gpus)
     metrics = _start_metrics(run, config, log, say)
@@ -371,7 +402,7 @@ def _run_with_wal(run: RunDir, config: Config, wal: Wal, log: Any, *, how: str, 
 
 
 def _run_on_ray(run: RunDir, config: Config, wal: Wal, log: Any, *, say: Any, quiet: bool,
-                sim_gpu: str | None) -> ExitCode:
+                sim_gpu: str | None, hand_over: Any) -> ExitCode:
     """The run's shards on a Ray cluster (docs/architecture.md, "Many machines")."""
     from nkat.supervisor.cluster.engine import run_on_ray
 
@@ -380,6 +411,7 @@ def _run_on_ray(run: RunDir, config: Config, wal: Wal, log: Any, *, say: Any, qu
     display = None if quiet else ProgressDisplay(sys.stdout)
     try:
         code = run_on_ray(run, config, wal, log, say=say, backend=_backend(run, config),
+                          hand_over=hand_over,
                           sim_gpu=sim_gpu, on_status=display.update if display else None,
                           metrics=metrics)
     except RunDirError:

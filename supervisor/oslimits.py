@@ -10,7 +10,11 @@ import errno
 
 
 def io_advice(exc: BaseException) -> str:
-    """What to do about a failed write or open, by its cause."""
+    """What to do about a failed write or open, by its cause (an error that knows its
+    own advice, such as a Ray node's unreachable journal, says it)."""
+    own = getattr(exc, "advice", None)
+    if isinstance(own, str):
+        return own
     code = getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)
     if code in (errno.EMFILE, errno.ENFILE):
         return ("the supervisor ran out of file handles: raise the limit (ulimit -n, or "

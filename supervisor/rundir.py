@@ -5,6 +5,8 @@
     run = RunDir.create(state, run_id, spec, config)   # or RunDir.open(state, run_id)
     with run.lock():                             # RunLocked names the holder's pid
         run.removed_temp_files                   # what a crash had left, removed
+        writer = run.take_wal_lock(WAL_LOCK_WAIT_S)   # the WAL's writer: journal.lock
+        writer.release()                         # before another process writes it
         run.write_status({...})                  # atomic, durable replace
     stored = run.read_status_file()              # .data None: absent, empty or torn;
                                                  # .problem says which, for the operator
@@ -13,6 +15,11 @@ Files are written to a temporary sibling, fsynced, renamed and the directory fsy
 after a power cut a reader finds the old file or the new one, whole. A temporary file
 a crash left behind is removed when the run is locked (nothing else writes there).
 The directory is private (0700).
+
+Two locks: ``lock`` is the supervisor's, for its whole life; ``journal.lock`` is the WAL
+writer's. They differ only under the Ray engine, where the supervisor (the driver) hands
+the WAL to a journal actor, a process of its own that may outlive a killed driver for a
+moment: whoever opens the WAL next waits for it to let go.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ import tomli_w
 from nkat.protocol.messages import spec_hash
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # whole names only: fullmatch
+MAX_IPC_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
+#: How long whoever opens a run's WAL waits for its previous writer to let go of it (a
+#: killed Ray driver's journal actor ends within seconds, once Ray sees its owner gone).
+WAL_LOCK_WAIT_S = 60.0
 #: The temporary siblings atomic_write makes: ``.<name>.<pid>.tmp``.
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
 
@@ -47,9 +58,10 @@ class RunDirError(RuntimeError):
 class RunLocked(RunDirError):
     """Another supervisor holds this run."""
 
-    def __init__(self, run_id: str, pid: int | None) -> None:
+    def __init__(self, run_id: str, pid: int | None, why: str | None = None) -> None:
         who = f"supervisor pid {pid}" if pid else "another supervisor"
-        super().__init__(f"run {run_id} is already supervised by {who}; "
+        super().__init__(f"run {run_id} cannot be started: {why}" if why else
+                         f"run {run_id} is already supervised by {who}; "
                          "stop it first (nkat-supervise stop) or pick another run")
         self.pid = pid
 
@@ -217,6 +229,15 @@ class RunDir:
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.sock_dir / name}"
 
+    def clear_socket(self, name: str) -> None:
+        """Before binding ``name``: refuse a path too long for a Unix socket, and remove
+        a stale socket a dead supervisor left (the caller holds the run's lock)."""
+        path = self.sock_dir / name
+        if len(str(path).encode()) > MAX_IPC_PATH:
+            raise RunDirError(f"socket path {path} is longer than the {MAX_IPC_PATH} bytes "
+                              "a Unix socket allows; use a shorter --state-dir")
+        path.unlink(missing_ok=True)
+
     # Life -------------------------------------------------------------------------------
     @classmethod
     def create(cls, state: Path, run_id: str, spec: Mapping[str, Any],
@@ -316,6 +337,33 @@ class RunDir:
         finally:
             os.close(fd)  # releases the flock
 
+    def take_wal_lock(self, wait_s: float, on_wait: Any = None) -> WalLock:
+        """The WAL writer's flock (``journal.lock``), waiting up to ``wait_s`` for its
+        holder to let go (``on_wait(text)`` is told once if it has to wait); RunLocked
+        when it does not."""
+        path = self.path / "journal.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return WalLock(fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) \
+                        or time.monotonic() > deadline:
+                    os.close(fd)
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    raise RunLocked(self.run_id, None, f"its write-ahead log is still held "
+                                    f"by another process after {wait_s:g} s ({path}): is "
+                                    "another driver's journal running?") from None
+            if not told and on_wait is not None:
+                on_wait(f"waiting up to {wait_s:g} s for the previous writer of run "
+                        f"{self.run_id}'s write-ahead log to let go")
+                told = True
+            time.sleep(0.1)
+
     def holder_pid(self) -> int | None:
         """The pid of the supervisor holding the lock, or None when nobody holds it."""
         lock_path = self.path / "lock"
@@ -375,6 +423,19 @@ class RunDir:
         """result.json, or None when it is absent, empty or torn (read_result_file says
         which)."""
         return self.read_result_file().data
+
+
+class WalLock:
+    """A held ``journal.lock`` (see ``RunDir.take_wal_lock``)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Let go (once; later calls do nothing)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def list_runs(state: Path) -> list[RunDir]:

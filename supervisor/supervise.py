@@ -29,7 +29,7 @@ from nkat.supervisor.bounded_router import BoundedRouter
 from nkat.supervisor.health import GpuProbe
 from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.outlets import Outlets
-from nkat.supervisor.rundir import RunDir, RunDirError
+from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.spawn import WorkerProcess, merge_shards
 from nkat.supervisor.wal import WalError
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked f
     from nkat.supervisor.preemption_watch import PreemptionWatch
 
 POLL_MS = 100
-MAX_IPC_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 #: Connections sock/control may hold (each costs a file handle); sock/worker twice that.
 MAX_PEERS = 32
 _SIGNALS: dict[int, c.RunSignal] = {
@@ -129,11 +128,7 @@ class Shell:
 
     def _bind(self) -> None:
         for name in ("worker", "control", "events"):
-            path = self.run_dir.sock_dir / name
-            if len(str(path).encode()) > MAX_IPC_PATH:
-                raise RunDirError(f"socket path {path} is longer than the {MAX_IPC_PATH} bytes "
-                                  "a Unix socket allows; use a shorter --state-dir")
-            path.unlink(missing_ok=True)  # a stale socket of a dead supervisor (we hold the lock)
+            self.run_dir.clear_socket(name)
         old_umask = os.umask(0o177)  # sockets are created 0600
         try:
             # No handover: a second connection claiming a worker's routing id is refused.

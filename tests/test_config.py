@@ -55,6 +55,13 @@ def test_relations_between_keys():
     with pytest.raises(ConfigError, match="metrics_addr"):
         load_config(None, ["metrics_addr=0.0.0.0:9000"])
     assert load_config(None, ["metrics_addr=127.0.0.1:9108"])["metrics_addr"] == "127.0.0.1:9108"
+    # A Ray node waits ray_lease for the driver; its worker must not give up first. The
+    # rule is the Ray engine's only: a local run keeps any supervisor_timeout.
+    with pytest.raises(ConfigError, match="ray_lease .* shorter than supervisor_timeout"):
+        load_config(None, ["engine=ray", "supervisor_timeout=10", "ack_resend=1"])
+    assert load_config(None, ["supervisor_timeout=10", "ack_resend=1"])["ray_lease"] == 15.0
+    assert load_config(None, ["engine=ray", "supervisor_timeout=10", "ack_resend=1",
+                              "ray_lease=5"])["ray_lease"] == 5.0
 
 
 def test_bad_files_name_the_file_and_key(tmp_path):

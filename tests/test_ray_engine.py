@@ -105,6 +105,35 @@ def finish(run: SupervisedRun, expected: str) -> None:
     assert code == 0, run.err
     assert deterministic(run.result()) == expected
     assert run.result()["provenance"]["device"] == "ray: nkat"
+    assert_fenced(run)
+
+
+def assert_fenced(run: SupervisedRun) -> None:
+    """What the WAL shows of every attempt, whatever was lost or killed: epochs are unique
+    and each lies in the block of its shard's newest attempt; a shard's checkpoints go up
+    by one, and each comes from its shard's newest attempt (nothing of an attempt is
+    recorded once a newer one is assigned)."""
+    blocks: dict[int, tuple[int, int]] = {}
+    epochs: set[int] = set()
+    seqs: dict[int, int] = {}
+    attempts = 0
+    for rec in run.records():
+        entry = journal.read(rec)
+        if isinstance(entry, journal.Event) and entry.kind is journal.EventKind.ASSIGNED:
+            attempts += 1
+            blocks[entry.fields["shard"]] = (entry.fields["epoch_base"],
+                                             entry.fields["epoch_limit"])
+        elif isinstance(entry, journal.Epoch):
+            assert entry.epoch not in epochs, f"epoch {entry.epoch} was started twice"
+            epochs.add(entry.epoch)
+            base, limit = blocks[entry.shard]
+            assert base < entry.epoch <= limit, (entry, blocks[entry.shard])
+        elif isinstance(entry, journal.CheckpointMeta):
+            base, limit = blocks[entry.shard]
+            assert base < entry.epoch <= limit, (entry, blocks[entry.shard])
+            assert entry.ckpt_seq == seqs.get(entry.shard, 0) + 1, entry
+            seqs[entry.shard] = entry.ckpt_seq
+    assert attempts >= 12 and len(seqs) == 12
 
 
 def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, cluster, expected):
@@ -159,6 +188,17 @@ def test_a_killed_driver_resumes_from_its_wal_with_start(tmp_path, cluster, expe
     finish(again, expected)
     resumed = [e for e in again.events("shard.assigned") if e.get("resume_units")]
     assert resumed, "the second driver computed every shard again"
+
+
+def test_a_cluster_without_the_agents_resource_is_refused_and_leaves_no_run(
+        tmp_path, cluster):
+    run = SupervisedRun(tmp_path, "none", [*JOB, *QUICK, "ray_resource=absent"],
+                        extra_args=["--engine", "ray", "--ray-address",
+                                    cluster.address])  # type: ignore[attr-defined]
+    run.start()
+    assert run.wait(timeout=120) == 2, run.err
+    assert "offers no absent" in run.err and "--resources" in run.err
+    assert not run.path.exists()  # a new run that never started leaves nothing behind
 
 
 def test_without_ray_the_engine_exits_2_and_names_the_extra(tmp_path):

@@ -1,10 +1,13 @@
 """The Ray engine's journal, without Ray: the run's real WAL on disk, written for nodes.
 Each attempt at a shard fences the earlier ones, epochs stay unique in blocks, checkpoints
-must follow the durable one, a node cannot write the run's own records, and a second
-journal waits for the first to let go of the WAL."""
+must follow the durable one, a node cannot write the run's own records, a done shard is
+never begun again, a failed WAL refuses everything after, and a second journal (or a local
+start) waits for the first to let go of the WAL."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,11 +18,12 @@ import pytest
 from nkat.protocol.messages import state_digest
 from nkat.supervisor import journal
 from nkat.supervisor.cluster.board import ray_status
-from nkat.supervisor.cluster.journal import EPOCH_BLOCK, RunJournal
+from nkat.supervisor.cluster.journal import EPOCH_BLOCK, JournalRefused, RunJournal
 from nkat.supervisor.ops.inspect import summarize
-from nkat.supervisor.rundir import RunDir, RunDirError
-from nkat.supervisor.wal import RecordType, Wal
+from nkat.supervisor.rundir import RunDir
+from nkat.supervisor.wal import RecordType, Wal, WalError
 from nkat.supervisor.wal.readonly import read_records
+from tests.e2e import SupervisedRun, reap_processes, wait_for  # noqa: F401 - autouse
 
 SPEC = {"job": "nkat-highdim", "params": {"max_dimension": 1000, "unit_dims": 100}}
 SHARDS = ((0, 4), (4, 8), (8, 10))
@@ -39,8 +43,10 @@ def run(tmp_path: Path) -> RunDir:
 
 
 def open_journal(run: RunDir, **kw: object) -> RunJournal:
-    return RunJournal(str(run.path.parent.parent), run.run_id, run.info.created, "numpy",
-                      **kw)  # type: ignore[arg-type]
+    opened = RunJournal(str(run.path.parent.parent), run.run_id, run.info.created, "numpy",
+                        **kw)  # type: ignore[arg-type]
+    opened.open()
+    return opened
 
 
 def epoch(task, n: int = 1) -> dict:
@@ -147,8 +153,9 @@ def test_restarts_are_counted_for_the_run_and_the_backend_is_pinned(run):
 
 def test_a_second_journal_waits_for_the_first_to_let_go(run):
     first = open_journal(run)
-    with pytest.raises(RunDirError, match="still held"):
+    with pytest.raises(JournalRefused, match="still held") as refused:
         open_journal(run, lock_wait_s=0.3)
+    assert refused.value.locked
     threading.Timer(0.5, first.close).start()  # the killed driver's actor goes away
     second = open_journal(run, lock_wait_s=30)
     assert second.begin(0, "n1").attempt == 1
@@ -157,8 +164,8 @@ def test_a_second_journal_waits_for_the_first_to_let_go(run):
 
 def test_a_directory_that_is_not_the_drivers_is_refused(tmp_path):
     run = make_run(tmp_path)
-    with pytest.raises(RunDirError, match="not the driver's"):
-        RunJournal(str(tmp_path), run.run_id, "1999-01-01T00:00:00+0000")
+    with pytest.raises(JournalRefused, match="not the driver's"):
+        RunJournal(str(tmp_path), run.run_id, "1999-01-01T00:00:00+0000").open()
 
 
 def test_the_status_adds_durable_and_live_progress_with_one_row_per_agent(run):
@@ -183,3 +190,64 @@ def test_the_status_adds_durable_and_live_progress_with_one_row_per_agent(run):
     assert j.report(0, a.attempt, {}) == "stopped"
     assert j.report(0, a.attempt - 1, {}) == "fenced"
     j.close()
+
+
+def test_a_done_shard_is_never_begun_again_even_after_a_driver_restart(run):
+    j = open_journal(run)
+    t = j.begin(2, "n1")
+    j.append(2, t.attempt, RecordType.EPOCH, epoch(t))
+    j.append(2, t.attempt, RecordType.CKPT_REF, ckpt(t, 1, 2), state(2))
+    done = journal.Event(journal.EventKind.SHARD_DONE, "shard 2 done", epoch=t.epoch_base + 1,
+                         fields={"shard": 2, "range": [8, 10], "ckpt_seq": 1})
+    assert j.append(2, t.attempt, RecordType.EVENT, journal.payload_of(done, time.time()))[1] \
+        is None
+    # The node finished it, then Ray lost the node before its call returned: the driver
+    # asks for a new attempt, and gets none.
+    assert j.begin(2, "n2") is None
+    j.close()
+    j = open_journal(run)
+    assert j.snapshot()["shards"][2]["done"] and j.begin(2, "n2") is None
+    assigned = [journal.read(r) for r in read_records(run.wal_dir)
+                if r.type is RecordType.EVENT and r.payload["kind"] == "assigned"]
+    assert len(assigned) == 1
+    j.close()
+
+
+def test_a_journal_whose_wal_failed_refuses_everything_after(run):
+    j = open_journal(run)
+    t = j.begin(0, "n1")
+    assert j.append(0, t.attempt, RecordType.EPOCH, epoch(t))[1] is None
+    j.wal.close()  # the log stops taking records (as after a failed fsync)
+    seq, why = j.append(0, t.attempt, RecordType.CKPT_REF, ckpt(t, 1, 2), state(2))
+    assert seq is None and "could not be written" in why
+    assert j.snapshot()["failed"] == why  # the driver's next look gives the run up
+    with pytest.raises(WalError, match="could not be written"):
+        j.begin(1, "n2")
+    with pytest.raises(WalError, match="could not be written"):
+        j.record(journal.Event.gave_up("the journal failed"))
+    assert j.append(0, t.attempt, RecordType.EPOCH, epoch(t, 2))[1] == why
+    j.close()
+    assert [r.payload["epoch"] for r in read_records(run.wal_dir)
+            if r.type is RecordType.EPOCH] == [t.epoch_base + 1]
+
+
+def test_a_local_start_waits_for_the_previous_wal_writer_to_let_go(tmp_path):
+    first = SupervisedRun(tmp_path, "w1", ["max_dimension=2000000", "unit_dims=100000"])
+    first.start()
+    assert first.wait(120) == 0, first.err
+    before = [r.seq for r in first.records()]
+    opened = len(first.events("wal.recovered"))
+    # What a killed Ray driver leaves for a moment: its journal actor, holding the WAL.
+    held = os.open(first.path / "journal.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    again = SupervisedRun(tmp_path, "w1", ["max_dimension=2000000", "unit_dims=100000"])
+    try:
+        again.start()
+        wait_for(lambda: again.events("wal.lock_wait"), 60, "the start to wait for the lock")
+        time.sleep(0.5)
+        assert again.proc is not None and again.proc.poll() is None  # it waits...
+        assert len(again.events("wal.recovered")) == opened  # ...before it opens the WAL
+    finally:
+        os.close(held)
+    assert again.wait(60) == 0, again.err
+    assert [r.seq for r in again.records()] == before  # it found the run done: no record

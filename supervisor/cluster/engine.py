@@ -1,10 +1,13 @@
 """``start --engine ray``: join the cluster, cut a new run into shards, and drive it.
 
-    code = run_on_ray(run, config, wal, log, say=say, backend="numpy", sim_gpu=None)
+    code = run_on_ray(run, config, wal, log, say=say, backend="numpy",
+                      hand_over=close_wal_and_let_go)
 
-Called by ``launch`` with the run locked and its WAL open and recovered (so every damage
-check and message of a local start applies); the WAL is handed over to the journal actor
-here. A run is cut into shards at its first start, ``SHARDS_PER_GPU`` per unit of the
+Called by ``launch`` with the run locked, the WAL writer's lock taken and the WAL open and
+recovered (so every damage check and message of a local start applies); ``hand_over``
+closes the WAL and lets go of its lock, for the journal actor to take. A cluster with
+none of the agents' resource is refused (exit 2) before anything is cut or written. A run
+is cut into shards at its first start, ``SHARDS_PER_GPU`` per unit of the
 agents' resource the cluster has then, and keeps that cut for life: a resume, on any
 engine, computes the same shards.
 """
@@ -17,6 +20,7 @@ from typing import Any
 from nkat.supervisor.cluster.settings import (
     RayMissing,
     RaySettings,
+    agent_capacity,
     agent_resource,
     import_ray,
     init_options,
@@ -29,7 +33,7 @@ from nkat.supervisor.wal import Wal
 
 
 def run_on_ray(run: RunDir, config: Config, wal: Wal, log: Any, *, say: Any, backend: str,
-               sim_gpu: str | None = None, on_status: Any = None,
+               hand_over: Any, sim_gpu: str | None = None, on_status: Any = None,
                metrics: Any = None) -> ExitCode:
     settings = RaySettings.from_config(config)
     try:
@@ -43,16 +47,18 @@ def run_on_ray(run: RunDir, config: Config, wal: Wal, log: Any, *, say: Any, bac
         return _refuse(log, f"cannot join the Ray cluster at {options['address']}: {exc}",
                        ExitCode.USAGE)
     try:
-        resource, _ = agent_resource(settings, backend)
-        capacity = int(ray.cluster_resources().get(resource, 0))
+        resource, agent_options = agent_resource(settings, backend)
+        capacity = agent_capacity(ray.cluster_resources(), resource, agent_options)
         log.info("ray.connected", address=options["address"], resource=resource,
                  capacity=capacity, nodes=len(ray.nodes()))
+        if capacity == 0:
+            return _refuse(log, _no_capacity(resource, settings, backend), ExitCode.USAGE)
         say(f"on Ray at {options['address']}: {capacity} × {resource} for node agents")
         if not run.info.shards:
             why = _cut(run, wal, capacity)
             if why:
                 return _refuse(log, why, ExitCode.USAGE)
-        wal.close()  # the journal actor is the run's one writer from here on
+        hand_over()  # the journal actor is the run's one writer from here on
         from nkat.supervisor.cluster.driver import Driver
 
         driver = Driver(ray, run, config, log, say=say, backend=backend, sim_gpu=sim_gpu,
@@ -77,6 +83,22 @@ def _cut(run: RunDir, wal: Wal, capacity: int) -> str | None:
                 "merge in unit order only): run it with --engine local")
     run.set_shards(cut_shards(facts.units_total, SHARDS_PER_GPU * max(1, capacity)))
     return None
+
+
+def _no_capacity(resource: str, settings: RaySettings, backend: str) -> str:
+    """Why nothing can run, and what to change."""
+    start = f"the Ray cluster offers no {resource} for the node agents"
+    if settings.ray_resource and backend == "cupy":
+        return (f"the Ray cluster offers no {resource} with a GPU for the node agents (the "
+                f"cupy backend needs both): start GPU nodes with --resources "
+                f"'{{\"{resource}\": 1}}'")
+    if settings.ray_resource:
+        return (f"{start}: start the nodes with --resources '{{\"{resource}\": 1}}', or set "
+                "ray_resource to one the cluster has")
+    if resource == "GPU":
+        return (f"{start}: the {backend} backend needs a GPU on each node agent; add GPU "
+                "nodes, or use --backend numpy for CPU nodes")
+    return f"{start}: add nodes with CPUs"
 
 
 def _refuse(log: Any, message: str, code: ExitCode) -> ExitCode:

@@ -1,6 +1,7 @@
 """The Ray engine's journal: the run's WAL on the driver's machine, written for every node.
 
     journal = RunJournal(state_dir, run_id, created)   # Ray runs it as an actor there
+    journal.open()                                      # waits for journal.lock, reads
     task = journal.begin(shard=3, node="a1b2c3d4")      # a new attempt: fences older ones
     seq, why = journal.append(3, task.attempt, RecordType.CKPT_REF, payload, state)
     result, why = journal.finish(provenance)             # every shard done: merge, done
@@ -19,9 +20,6 @@ docs/architecture.md ("Many machines: the Ray engine") draws how the pieces talk
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,15 +29,17 @@ from nkat.protocol import messages as m
 from nkat.supervisor import journal
 from nkat.supervisor.journal import EventKind
 from nkat.supervisor.ops.inspect import summarize
-from nkat.supervisor.rundir import RunDir, RunDirError
+from nkat.supervisor.rundir import WAL_LOCK_WAIT_S, RunDir, RunDirError, RunLocked
 from nkat.supervisor.spawn import merge_shards
 from nkat.supervisor.wal import RecordType, Wal, WalError
 
 #: Epochs each attempt may start: a node's restarts stay inside its block (more than
 #: this many in one attempt, and the journal refuses it: the driver gives the shard anew).
 EPOCH_BLOCK = 100
+#: How a refusal begins when the WAL itself failed (not the node's record).
+WAL_FAILED = "the write-ahead log could not be written"
 #: How long a new journal waits for the previous one to let go of the WAL.
-LOCK_WAIT_S = 60.0
+LOCK_WAIT_S = WAL_LOCK_WAIT_S
 #: What a node may write: a node's stop is its own affair (the driver records the run's),
 #: and its giving up is the driver's to judge (it moves the shard), so neither is here.
 _NODE_EVENTS = frozenset(EventKind) - {EventKind.GAVE_UP, EventKind.ASSIGNED,
@@ -88,14 +88,46 @@ class Fenced(Exception):
     """A node wrote for an attempt that is no longer its shard's newest."""
 
 
+class JournalRefused(Exception):
+    """The journal cannot take the run (``locked``: another writer still holds its WAL).
+    Plain arguments, so that it reaches the driver through Ray as itself."""
+
+    def __init__(self, message: str, locked: bool = False) -> None:
+        super().__init__(message, locked)
+        self.message, self.locked = message, locked
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class RunJournal:
     """The run's one WAL writer for the Ray engine (see the module docstring)."""
 
     def __init__(self, state_dir: str, run_id: str, created: str, backend: str = "auto",
-                 lock_wait_s: float = LOCK_WAIT_S) -> None:
+                 lock_wait_s: float = LOCK_WAIT_S,
+                 wal_options: Mapping[str, int] | None = None) -> None:
         """``backend``: what workers are asked for (the run's pinned backend, or an
-        operator's switch; ``auto`` until a worker resolves it)."""
-        self.run = RunDir.open(Path(state_dir), run_id)
+        operator's switch; ``auto`` until a worker resolves it). ``wal_options``: the
+        driver's ``backup_checkpoints`` and ``segment_size`` (default: the run's stored
+        config)."""
+        self._where = (Path(state_dir), run_id, created)
+        self._lock_wait_s, self._wal_options = lock_wait_s, dict(wal_options or {})
+        self.backend = backend
+
+    def open(self) -> None:
+        """Take the WAL (waiting for a previous writer to let go) and read the run from it.
+        A separate call, so that its refusal (RunLocked, RunDirError, WalError) reaches
+        the driver as itself, not as an actor that died."""
+        try:
+            self._open()
+        except RunLocked as exc:
+            raise JournalRefused(str(exc), locked=True) from None
+        except (RunDirError, WalError, OSError) as exc:
+            raise JournalRefused(str(exc)) from None
+
+    def _open(self) -> None:
+        state_dir, run_id, created = self._where
+        self.run = RunDir.open(state_dir, run_id)
         if self.run.info.created != created:  # same path, another machine's directory
             raise RunDirError(
                 f"the run directory {self.run.path} on this node is not the driver's (created "
@@ -103,8 +135,8 @@ class RunJournal:
                 "head node, so the state dir must be one both machines share")
         if not self.run.info.shards:
             raise RunDirError(f"run {run_id} has no shards: the Ray engine plans them first")
-        self._lock_fd = _take_lock(self.run.path / "journal.lock", lock_wait_s)
-        config = self.run.info.config
+        self._lock = self.run.take_wal_lock(self._lock_wait_s)
+        config = {**self.run.info.config, **self._wal_options}
         info = self.run.info
         try:
             self.wal = Wal.open(self.run.wal_dir, self.run.blob_dir, create=False,
@@ -113,7 +145,7 @@ class RunJournal:
                                 backup_checkpoints=int(config.get("backup_checkpoints", 3)),
                                 segment_size=int(config.get("segment_size", 64 << 20)))
         except BaseException:
-            os.close(self._lock_fd)
+            self._lock.release()
             raise
         history = summarize(self.wal.records())
         self.restarts = history.restarts
@@ -137,18 +169,18 @@ class RunJournal:
                 shard.t_wall = latest[-1].t_wall
                 shard.done = shard.units_done == shard.size
         self.backends = info.backends
-        self.backend = backend
         self.stop: str | None = None  # what the driver asked: stopped | running
         self.failed: str | None = None  # why the WAL takes no more records
         self.progress: dict[int, dict[str, Any]] = {}  # each shard's node's latest status
 
     # The driver's calls ---------------------------------------------------------------
-    def begin(self, shard: int, node: str) -> ShardTask:
+    def begin(self, shard: int, node: str) -> ShardTask | None:
         """A new attempt at ``shard`` by ``node``: durably journaled before the node starts,
-        so a later journal fences every older attempt too."""
+        so a later journal fences every older attempt too. None when the shard is done
+        (its node finished it just before Ray lost the node)."""
         record = self.shards[shard]
         if record.done:
-            raise ValueError(f"shard {shard} is done")
+            return None
         record.attempt += 1
         record.node = node
         base = record.epoch_base = self.next_epoch - 1
@@ -196,7 +228,7 @@ class RunJournal:
 
     def close(self) -> None:
         self.wal.close()
-        os.close(self._lock_fd)
+        self._lock.release()
 
     # The nodes' calls -----------------------------------------------------------------
     def append(self, shard: int, attempt: int, rtype: int, payload: dict[str, Any],
@@ -235,7 +267,7 @@ class RunJournal:
         except (ValueError, KeyError, TypeError) as exc:  # a malformed record: refused
             return None, f"a malformed record: {exc}"
         except (WalError, OSError) as exc:  # the driver's disk: the run gives up
-            self.failed = f"the write-ahead log could not be written: {exc}"
+            self.failed = f"{WAL_FAILED}: {exc}"
             return None, self.failed
         if RecordType(rtype) is RecordType.EVENT and payload["kind"] == EventKind.SHARD_DONE:
             record.done = True
@@ -286,22 +318,12 @@ class RunJournal:
             raise Fenced(f"a node may not write a {rtype.name} record")
 
     def _write(self, entry: journal.Writable) -> int:
-        return journal.write(self.wal, entry, time.time)
-
-
-def _take_lock(path: Path, wait_s: float) -> int:
-    """An exclusive flock on ``path``, waiting up to ``wait_s`` for its holder to go."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = time.monotonic() + wait_s
-    while True:
+        """The driver's own records; a failed write fails the journal for the nodes too."""
+        if self.failed is not None:
+            raise WalError(self.failed)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) \
-                    or time.monotonic() > deadline:
-                os.close(fd)
-                raise RunDirError(f"the run's journal is still held by another process after "
-                                  f"{wait_s:g} s ({path}); is another driver running?") \
-                    from None
-            time.sleep(0.1)
+            return journal.write(self.wal, entry, time.time)
+        except (WalError, OSError) as exc:
+            self.failed = f"{WAL_FAILED}: {exc}"
+            raise WalError(self.failed) from exc
+

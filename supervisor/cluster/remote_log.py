@@ -4,11 +4,13 @@ only once the journal says they are.
     log = RemoteLog(ray, journal_handle, task, lease_s=15.0)
     Shell(scratch_run, log, ...)      # the node's shell, unchanged: append, then ack
 
-Each call waits at most ``lease_s`` for the journal. No answer, or a refusal (a newer
-attempt owns the shard), raises WalError: the node's controller then stops its worker as
-it would on a failing disk, so a node cut off from its driver does not compute on. A
-node's clean stop is its own affair: the driver records the run's, so ``stop`` records are
-kept here, not sent.
+Each call waits at most ``lease_s`` for the journal. No answer raises JournalUnreachable,
+a refusal of the record (a newer attempt owns the shard) JournalRefusedRecord, a failure of
+the driver's WAL itself JournalWalFailed: WalErrors with their own advice. The node's
+controller then stops its worker as it would on a failing disk, so a node cut off from its
+driver does not compute on. A node's clean stop and its giving up
+are its own affair (the driver records the run's, and moves the shard), so ``stop`` and
+``gave_up`` records are kept here, not sent.
 """
 
 from __future__ import annotations
@@ -16,8 +18,30 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from nkat.supervisor.cluster.journal import ShardTask
+from nkat.supervisor.cluster.journal import WAL_FAILED, ShardTask
+from nkat.supervisor.journal import EventKind
 from nkat.supervisor.wal import Checkpoint, RecordType, WalError
+
+
+class JournalUnreachable(WalError):
+    """The driver's journal did not answer within the lease, or is gone."""
+
+    advice = ("the driver resumes the shard on another node from its last durable "
+              "checkpoint; if the driver is gone, start the run again")
+
+
+class JournalRefusedRecord(WalError):
+    """The driver's journal refused the record: another attempt owns the shard now (or
+    the record was malformed)."""
+
+    advice = ("nothing to do here: the driver resumes the shard from its last durable "
+              "checkpoint (see the driver's log)")
+
+
+class JournalWalFailed(WalError):
+    """The driver's WAL could not take the record: the driver gives the run up."""
+
+    advice = "fix the driver's disk (see the driver's log), then start the run again"
 
 
 class RemoteLog:
@@ -30,7 +54,8 @@ class RemoteLog:
         self.round_trips: list[float] = []
 
     def append(self, rtype: RecordType, payload: dict[str, Any]) -> int:
-        if rtype is RecordType.STOP:
+        if rtype is RecordType.STOP or (rtype is RecordType.EVENT
+                                        and payload.get("kind") == EventKind.GAVE_UP):
             self.local_seq += 1
             return self.local_seq
         return self._call(self.journal.append.remote(
@@ -46,7 +71,7 @@ class RemoteLog:
         found, refused = self._get(self.journal.latest.remote(self.task.shard,
                                                               self.task.attempt))
         if refused is not None:
-            raise WalError(f"the driver's journal refused: {refused}")
+            raise _refusal(f"the driver's journal refused: {refused}", refused)
         if found is None:
             return None
         ckpt_seq, units_done, state = found
@@ -56,7 +81,7 @@ class RemoteLog:
         started = time.perf_counter()
         seq, refused = self._get(ref)
         if refused is not None:
-            raise WalError(f"the driver's journal refused the record: {refused}")
+            raise _refusal(f"the driver's journal refused the record: {refused}", refused)
         self.round_trips.append(time.perf_counter() - started)
         return int(seq)
 
@@ -66,7 +91,15 @@ class RemoteLog:
         try:
             return self.ray.get(ref, timeout=self.lease_s)
         except GetTimeoutError:
-            raise WalError(f"the driver's journal did not answer in {self.lease_s:g} s "
-                           "(ray_lease): this node stops computing") from None
+            raise JournalUnreachable(f"the driver's journal did not answer in "
+                                     f"{self.lease_s:g} s (ray_lease): this node stops "
+                                     "computing") from None
         except RayError as exc:
-            raise WalError(f"the driver's journal is gone: {type(exc).__name__}") from None
+            raise JournalUnreachable(f"the driver's journal is gone: "
+                                     f"{type(exc).__name__}") from None
+
+
+def _refusal(message: str, refused: str) -> WalError:
+    if refused.startswith(WAL_FAILED):
+        return JournalWalFailed(message)
+    return JournalRefusedRecord(message)

@@ -2,7 +2,7 @@
 
     ray = import_ray()                     # RayMissing (exit 2) names the extra to install
     ray.init(**init_options(settings))     # --ray-address, else RAY_ADDRESS, else local
-    options = agent_options(settings, backend)   # what each node agent asks Ray for
+    resource, options = agent_resource(settings, backend)  # what an agent asks for
 
 Importable without Ray: the config table and ``start --help`` read the keys from here.
 The values were measured with Ray 2.60 on a 2-core machine (docs/architecture.md, "Many
@@ -108,12 +108,24 @@ def init_options(settings: RaySettings) -> dict[str, Any]:
     return options
 
 
+def agent_capacity(available: dict[str, float], resource: str,
+                   options: dict[str, Any]) -> int:
+    """How many node agents ``available`` (``ray.cluster_resources()``) has room for."""
+    room = int(available.get(resource, 0))
+    if options.get("num_gpus") and resource != "GPU":
+        room = min(room, int(available.get("GPU", 0)))
+    return room
+
+
 def agent_resource(settings: RaySettings, backend: str) -> tuple[str, dict[str, Any]]:
     """The resource one node agent takes (its name, to count the cluster's capacity) and
     the actor options that ask for it. The worker computes on what Ray gave the agent:
-    ``num_gpus=1`` sets CUDA_VISIBLE_DEVICES for it."""
+    ``num_gpus=1`` sets CUDA_VISIBLE_DEVICES for it, so a custom resource with the cupy
+    backend takes a GPU too (with ``auto`` it takes none: the node decides)."""
     if settings.ray_resource:
-        return settings.ray_resource, {"resources": {settings.ray_resource: 1}, "num_cpus": 0}
+        gpu = {"num_gpus": 1} if backend == "cupy" else {}
+        return settings.ray_resource, {"resources": {settings.ray_resource: 1}, "num_cpus": 0,
+                                       **gpu}
     if backend == "numpy":
         return "CPU", {"num_cpus": 1}
     return "GPU", {"num_gpus": 1, "num_cpus": 0}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nkat.supervisor import control
+from nkat.supervisor.cluster.settings import ENGINES
 from nkat.supervisor.config import KEYS, ConfigError, check_wire, load_config
 from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.ops import logview, report, runs, serve, service
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", metavar="all|N|I,J,…",
                    help="compute on several GPUs: all, the first N, or these NVML indices; "
                         "the run is cut into shards, several per GPU")
-    p.add_argument("--engine", choices=("local", "ray"),
+    p.add_argument("--engine", choices=ENGINES,
                    help="local (default): this machine; ray: the shards run on a Ray "
                         "cluster, one node agent per GPU (pip install 'nkat-supervise[ray]')")
     p.add_argument("--ray-address", metavar="auto|HOST:PORT|ray://…",

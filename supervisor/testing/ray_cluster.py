@@ -49,10 +49,18 @@ class LocalRayCluster:
         temp_dir = tempfile.mkdtemp(prefix="nkray-")
         head = {**_NODE, "temp_dir": temp_dir, "no_monitor": True,
                 "include_log_monitor": False, "_system_config": HEALTH["tuned"]}
-        cluster = Cluster(initialize_head=True, head_node_args=head)
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args=head)
+        except BaseException:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
         made = cls(cluster, [], resource, temp_dir)
-        for _ in range(nodes):
-            made.add_node()
+        try:
+            for _ in range(nodes):
+                made.add_node()
+        except BaseException:  # a half-made cluster is not left running
+            made.stop()
+            raise
         return made
 
     def add_node(self) -> Any:
@@ -82,7 +90,7 @@ class LocalRayCluster:
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
             left = [p for p in left if _alive(p)]
-        return [f"{p.pid} {p.name()}" for p in left if _alive(p)]
+        return [f"{p.pid} {_name(p)}" for p in left if _alive(p)]
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -90,3 +98,10 @@ def _alive(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return "?"

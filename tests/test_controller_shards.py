@@ -1,15 +1,17 @@
 """A sharded run across several GPUs, scripted against the controller with a fake clock:
 each GPU's worker computes one shard at a time under its own supervision; a GPU that
 finishes takes the next shard; one that overheats, crash-loops or needs a reset lets go
-of its shard for the others; every shard done, their states are merged into the result."""
+of its shard for the others; every shard done, their states are merged into the result
+(or, on a Ray node, left to the driver to merge)."""
 
 from __future__ import annotations
 
 from nkat.protocol import exitcodes
 from nkat.protocol import messages as m
+from nkat.supervisor import controller as c
 from nkat.supervisor import journal
 from nkat.supervisor.exitcode import ExitCode
-from tests.controller_script import Script
+from tests.controller_script import SPEC, Script
 
 TWO = [("gpu0", 0), ("gpu1", 1)]
 FOUR_SHARDS = [(0, 10), (10, 20), (20, 30), (30, 40)]
@@ -145,3 +147,24 @@ def test_status_has_one_row_per_gpu_and_counts_shards():
     row0 = status["gpus"][0]
     assert row0["shard"] == s.shard_of("gpu0").index and row0["temperature"] == 70.0
     assert status["units_total"] == 40 and status["durable_units"] == 5
+
+
+def test_a_ray_node_computes_its_one_shard_and_leaves_the_merge_to_the_driver():
+    # What a Ray node agent's controller is told: its shard (resumed from the durable
+    # checkpoint the journal gave), every other shard done, epochs from its attempt's
+    # block, and no merge.
+    plans = tuple(c.ShardPlan(span, c.Durable(2, 3) if k == 2 else c.Durable(), done=k != 2)
+                  for k, span in enumerate(FOUR_SHARDS))
+    facts = c.RunFacts("r1", SPEC, epoch=200, shards=plans, merge_when_done=False)
+    s = Script(facts=facts, slots=[("n1-gpu0", 0)], gpus=1)
+    s.start()
+    s.hello("n1-gpu0")
+    assert s.ctl.run.workers["n1-gpu0"].epoch == 201  # above the attempt's block base
+    (welcome,) = s.messages(m.Welcome, "n1-gpu0")
+    assert welcome.settings["unit_range"] == list(FOUR_SHARDS[2])
+    s.beat(wid="n1-gpu0")
+    s.finish_shard("n1-gpu0")
+    assert [e["shard"] for e in s.events("shard.completed")] == [2]
+    assert not s.merges and not s.of_type(journal.Done) and not s.results
+    assert s.finish is not None and s.finish.code is ExitCode.COMPLETED
+    assert [(r.shard, r.ckpt_seq) for r in s.of_type(journal.CheckpointMeta)] == [(2, 3)]

@@ -4,7 +4,11 @@ operator gets answers from a live run. All from real processes in this one run.
     status_latency_ms_p50          ``nkat-supervise status --json RUN`` as a subprocess,
                                    launch to exit, while the supervisor is up (the primary
                                    figure: what an operator waits); _inprocess: one
-                                   ``control.request(..., "status")`` round trip.
+                                   ``control.request(..., "status")`` round trip. The live
+                                   run's worker computes on one thread (``cpu_threads=1``,
+                                   as a GPU worker's host side does): a NumPy worker on
+                                   every core of this 2-core machine would make the
+                                   command wait for a core, which measures the machine.
     logs_follow_lag_ms_p50         a log line's ``ts`` -> that line read from the stdout of
                                    ``nkat-supervise logs -f --json RUN``; null, with
                                    logs_follow_note, where the CLI has no ``logs`` command.
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = Path(tmp)
         figures.update(start_to_first_progress(base, command, runs=1 if quick else 3))
         live = SupervisedRun(base, "live", {"max_dimension": ENDLESS, "checkpoint_interval": 0.1,
-                                            "log_max_bytes": 1 << 30}, command=command)
+                                            "log_max_bytes": 1 << 30, "cpu_threads": 1},
+                             command=command)
         try:
             live.start()
             tail = LogTail(live.log_file)

@@ -8,3 +8,6 @@ machine; ``node`` is the agent that runs the supervisor's own loop on each node,
 log (``remote_log``) is the driver's journal; ``board`` shapes the status. See
 docs/architecture.md, "Many machines: the Ray engine".
 """
+
+#: What ``--engine`` takes (here, so that the command line need not import the settings).
+ENGINES = ("local", "ray")

@@ -17,9 +17,9 @@ from types import ModuleType
 from typing import Any
 
 from nkat.protocol.settings import Role, setting
+from nkat.supervisor.cluster import ENGINES
 
 INSTALL_HINT = "pip install 'nkat-supervise[ray]'"
-ENGINES = ("local", "ray")
 
 #: GCS health checks of nodes, for a Ray instance this tool starts itself (a cluster that
 #: `ray start --head` made keeps its own: README says which environment variables set

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nkat.supervisor import control
-from nkat.supervisor.cluster.settings import ENGINES
-from nkat.supervisor.config import KEYS, ConfigError, check_wire, load_config
+from nkat.supervisor.cluster import ENGINES
 from nkat.supervisor.exitcode import ExitCode
 from nkat.supervisor.ops import logview, report, runs, serve, service
 from nkat.supervisor.ops.progress import ENDED, status_lines
@@ -47,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # before OSError, which it is: the reader went away (| head)
         silence_stdout()
         return code
-    except (UsageError, ConfigError, RunDirError) as exc:
+    except (UsageError, RunDirError) as exc:
+        print(f"nkat-supervise: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except ValueError as exc:  # config is imported only by the commands that read one
+        from nkat.supervisor.config import ConfigError
+
+        if not isinstance(exc, ConfigError):
+            raise
         print(f"nkat-supervise: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except OSError as exc:  # an unusable --state-dir, a file we may not read ...
@@ -158,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # start ------------------------------------------------------------------------------------
 def cmd_start(args: argparse.Namespace) -> int:
+    from nkat.supervisor.config import check_wire, load_config
     from nkat.supervisor.health import check_profile
     from nkat.supervisor.launch import launch_run, pick_run
 
@@ -365,6 +372,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from nkat.supervisor.config import KEYS, load_config
+
     config = load_config(args.config, args.set)
     if args.json:
         print(json.dumps({k.name: {"value": config[k.name], "source": config.source(k.name),

@@ -9,20 +9,23 @@ record is a ``stop`` an operator asked for), ``gave_up``, ``interrupted`` (it wa
 when the machine went down, was stopped by SIGTERM as at a shutdown, or its supervisor
 was killed), ``new`` (never ran a worker), or ``running`` (a supervisor holds its lock).
 Reading takes no lock and repairs nothing; only ``RunDir.open`` may create missing
-subdirectories.
+subdirectories. The WAL reader is imported by the functions that read the WAL: ``status``
+of a live run asks its supervisor and starts without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nkat.supervisor import control, journal
+from nkat.supervisor import control
 from nkat.supervisor.ops.logview import read_log
 from nkat.supervisor.rundir import RunDir
-from nkat.supervisor.wal import Problem, Record, RecordType, RunIdentity, WalError
-from nkat.supervisor.wal.readonly import read_records, verify_settled
+
+if TYPE_CHECKING:
+    from nkat.supervisor import journal
+    from nkat.supervisor.wal import Problem, Record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,9 @@ def summarize(records: Iterable[Record]) -> History:
     too, not only ``epoch`` records: retention may have removed the segment holding the
     newest ``epoch`` record, and an epoch number must never be reused (fencing). The
     restart count likewise rides on epochs, checkpoints and restart events."""
+    from nkat.supervisor import journal
+    from nkat.supervisor.wal import RecordType
+
     last: journal.Entry | None = None
     done: journal.Done | None = None
     epoch = restarts = 0
@@ -78,6 +84,9 @@ def run_state_from_disk(run: RunDir, history: History | None = None) -> str:
 
 
 def _readable_records(run: RunDir) -> list[Record]:
+    from nkat.supervisor.wal import WalError
+    from nkat.supervisor.wal.readonly import read_records
+
     records: list[Record] = []
     try:
         records.extend(read_records(run.wal_dir))
@@ -186,6 +195,8 @@ def _is_count(value: Any) -> bool:
 
 
 def _checkpoints(run: RunDir) -> list[dict[str, Any]]:
+    from nkat.supervisor.wal.readonly import verify_settled
+
     report = verify_settled(run.wal_dir, run.blob_dir)
     return [{"ckpt_seq": c.ckpt_seq, "epoch": c.epoch, "units_done": c.units_done,
              "t_wall": c.t_wall, "size": c.size, "inline": c.inline, "digest": c.digest,
@@ -198,6 +209,9 @@ def list_checkpoints(run: RunDir) -> list[dict[str, Any]]:
 
 
 def verify_run(run: RunDir) -> dict[str, Any]:
+    from nkat.supervisor.wal import RunIdentity
+    from nkat.supervisor.wal.readonly import verify_settled
+
     report = verify_settled(run.wal_dir, run.blob_dir,
                             identity=RunIdentity(run.run_id, run.info.spec_hash))
 

@@ -319,17 +319,8 @@ class RunDir:
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # holder_pid() probes with a brief shared lock: retry a moment before refusing.
-            deadline = time.monotonic() + 1.0
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise RunLocked(self.run_id, self.holder_pid()) from None
-                    time.sleep(0.02)
+            if not _flock_within(fd, 1.0, 0.02):
+                raise RunLocked(self.run_id, self.holder_pid())
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self.removed_temp_files = self.remove_temp_files()
@@ -343,26 +334,20 @@ class RunDir:
         when it does not."""
         path = self.path / "journal.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + wait_s
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return WalLock(fd)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) \
-                        or time.monotonic() > deadline:
-                    os.close(fd)
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    raise RunLocked(self.run_id, None, f"its write-ahead log is still held "
-                                    f"by another process after {wait_s:g} s ({path}): is "
-                                    "another driver's journal running?") from None
-            if not told and on_wait is not None:
-                on_wait(f"waiting up to {wait_s:g} s for the previous writer of run "
-                        f"{self.run_id}'s write-ahead log to let go")
-                told = True
-            time.sleep(0.1)
+        waiting = None if on_wait is None else lambda: on_wait(
+            f"waiting up to {wait_s:g} s for the previous writer of run {self.run_id}'s "
+            "write-ahead log to let go")
+        try:
+            taken = _flock_within(fd, wait_s, 0.1, waiting)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not taken:
+            os.close(fd)
+            raise RunLocked(self.run_id, None, f"its write-ahead log is still held by another "
+                            f"process after {wait_s:g} s ({path}): is another driver's "
+                            "journal running?")
+        return WalLock(fd)
 
     def holder_pid(self) -> int | None:
         """The pid of the supervisor holding the lock, or None when nobody holds it."""
@@ -423,6 +408,25 @@ class RunDir:
         """result.json, or None when it is absent, empty or torn (read_result_file says
         which)."""
         return self.read_result_file().data
+
+
+def _flock_within(fd: int, wait_s: float, poll_s: float, on_wait: Any = None) -> bool:
+    """An exclusive flock on ``fd``, retried every ``poll_s`` for up to ``wait_s``; False
+    if its holder kept it. ``on_wait()`` is called once, when it has to wait."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if time.monotonic() > deadline:
+            return False
+        if on_wait is not None:
+            on_wait()
+            on_wait = None
+        time.sleep(poll_s)
 
 
 class WalLock:

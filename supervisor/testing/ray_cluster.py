@@ -17,6 +17,7 @@ node), no dashboard UI, and a short private temp dir (AF_UNIX paths stop at 107 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import time
@@ -46,6 +47,7 @@ class LocalRayCluster:
         import_ray()
         from ray.cluster_utils import Cluster
 
+        _make_rays_default_temp_dir()
         temp_dir = tempfile.mkdtemp(prefix="nkray-")
         head = {**_NODE, "temp_dir": temp_dir, "no_monitor": True,
                 "include_log_monitor": False, "_system_config": HEALTH["tuned"]}
@@ -91,6 +93,18 @@ class LocalRayCluster:
             time.sleep(0.2)
             left = [p for p in left if _alive(p)]
         return [f"{p.pid} {_name(p)}" for p in left if _alive(p)]
+
+
+def _make_rays_default_temp_dir() -> None:
+    """Ray's ``Cluster`` records the head's address in Ray's default temp dir even when the
+    head is given its own, and fails (FileNotFoundError) on a machine where Ray never ran.
+    """
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+        default = get_default_ray_temp_dir()
+    except ImportError:  # another Ray release keeps it elsewhere; its usual place
+        default = os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray")
+    os.makedirs(default, exist_ok=True)
 
 
 def _alive(process: psutil.Process) -> bool:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -49,8 +51,33 @@ def env_with(failpoints: str | None = None) -> dict[str, str]:
     return env
 
 
+#: Where reference results are kept for the whole session, shared by pytest-xdist's
+#: workers (set by conftest.py); None computes each one afresh.
+REFERENCE_CACHE: Path | None = None
+
+
 def reference(params: Iterable[str]) -> dict[str, Any]:
-    """The result of one uninterrupted standalone run with these job params."""
+    """The result of one uninterrupted standalone run with these job params, computed once
+    per session: the first caller runs it while the others wait on its lock."""
+    params = list(params)
+    if REFERENCE_CACHE is None:
+        return _standalone_result(params)
+    key = hashlib.sha256("\0".join(params).encode()).hexdigest()[:20]
+    kept = REFERENCE_CACHE / f"{key}.json"
+    REFERENCE_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(REFERENCE_CACHE / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if kept.exists():
+            result: dict[str, Any] = json.loads(kept.read_text())
+            return result
+        result = _standalone_result(params)
+        partial = kept.with_suffix(".partial")
+        partial.write_text(json.dumps(result))
+        partial.replace(kept)
+        return result
+
+
+def _standalone_result(params: list[str]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "nkat.worker", "--standalone", "--backend", "numpy"]
     for p in params:
         argv += ["--set", p]

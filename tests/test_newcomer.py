@@ -1,10 +1,14 @@
 """The newcomer's first minutes: in a fresh virtualenv on a copy of the repository's files,
 README's two opening commands run as written.
 
-One deviation, on purpose: README's second command (``pip install '.[test]' && python -m
-pytest -q``) would run this suite inside itself, recursing and doubling CI's time. Here its
-install part runs exactly as written, then ``python -m pytest -q --collect-only``, which must
-collect the whole suite without an error. ``.ci/run`` runs the whole command.
+Marked slow (``python -m pytest -m slow tests/test_newcomer.py`` runs it): a fresh
+virtualenv and two installs cost more than a minute, and ``.ci/run`` is itself this
+newcomer on every CI run. It runs README's first command as written, install included,
+in a fresh virtualenv on a copy of the tree, then README's second command in full.
+
+One deviation, on purpose: README's second command would run this suite inside itself.
+Here its install part runs exactly as written, then ``python -m pytest -q --collect-only``,
+which must collect the whole suite without an error.
 
 Pip reads the package index as it is configured for the user running the suite (its cache
 makes the second and later runs quicker).
@@ -26,6 +30,8 @@ from tests.e2e import REPO
 
 #: Each README command (a pip install, then the job or the collection) within this.
 COMMAND_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
 #: Top-level blocks of an NKAT result (README, "The NKAT job").
 RESULT_KEYS = {"summary", "performance", "theoretical_validation", "statistics",
                "provenance", "curve", "precision"}

@@ -21,7 +21,10 @@ from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     wait_for,
 )
 
-JOB = ["max_dimension=1200000000", "unit_dims=65536"]
+JOB = ["max_dimension=300000000", "unit_dims=65536"]  # 4578 units
+#: Each unit lasts at least 2 ms (about 9 s in all), so every kill lands mid-run while the
+#: job itself costs little CPU.
+CRAWL = "crawl@seconds=0.002"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def _check_no_acked_loss(acked_before: list[tuple[int, int]], run: SupervisedRun
 
 def test_worker_sigkilled_eight_times_finishes_identically(tmp_path, expected):
     rng = random.Random(20261128)
-    run = SupervisedRun(tmp_path, "kill-worker", JOB + FAST_RESTARTS)
+    run = SupervisedRun(tmp_path, "kill-worker", JOB + FAST_RESTARTS, failpoints=CRAWL)
     run.start()
     acked_before = []
     for epoch in range(1, 9):
@@ -59,7 +62,7 @@ def test_worker_sigkilled_eight_times_finishes_identically(tmp_path, expected):
 
 def test_supervisor_sigkilled_three_times_resumes_with_start(tmp_path, expected):
     rng = random.Random(5)
-    run = SupervisedRun(tmp_path, "kill-sup", JOB + FAST_RESTARTS)
+    run = SupervisedRun(tmp_path, "kill-sup", JOB + FAST_RESTARTS, failpoints=CRAWL)
     acked_before = []
     for epoch in range(1, 4):
         run.start()
@@ -79,7 +82,7 @@ def test_supervisor_sigkilled_three_times_resumes_with_start(tmp_path, expected)
 
 def test_both_sigkilled_together(tmp_path, expected):
     rng = random.Random(7)
-    run = SupervisedRun(tmp_path, "kill-both", JOB + FAST_RESTARTS)
+    run = SupervisedRun(tmp_path, "kill-both", JOB + FAST_RESTARTS, failpoints=CRAWL)
     acked_before = []
     for epoch in range(1, 4):
         run.start()

@@ -4,6 +4,7 @@ settings, checkpoint state, environment, ``--set`` parsing, and the compute loop
 from __future__ import annotations
 
 import queue
+import time
 import zlib
 from typing import Any
 
@@ -32,12 +33,13 @@ def test_failpoint_grammar_accepts_every_documented_kind():
     parsed = Failpoints.parse(
         "crash@unit=50:code=1; hang_gil@unit=30;hang_nogil@unit=30;stall@unit=10:seconds=5;"
         "ignore_sigterm;oom@unit=20:times=1;cuda_sticky@unit=40;crash@unit=50:signal=SIGKILL;"
-        "crash@unit=50:signal=9;error@unit=7:epoch=2;stall@start:seconds=0.5;", epoch=1)
+        "crash@unit=50:signal=9;error@unit=7:epoch=2;stall@start:seconds=0.5;"
+        "crawl@seconds=0.002;crawl@seconds=1:epoch=3", epoch=1)
     kinds = {point.kind for point in parsed.points}
-    # error@…:epoch=2 is another epoch's: not planted in epoch 1.
+    # error@…:epoch=2 and crawl@…:epoch=3 are other epochs': not planted in epoch 1.
     assert kinds == {"crash", "hang_gil", "hang_nogil", "stall", "ignore_sigterm", "oom",
-                     "cuda_sticky"}
-    assert len(parsed.points) == 10
+                     "cuda_sticky", "crawl"}
+    assert len(parsed.points) == 11
 
 
 def test_failpoints_fire_only_in_their_epoch():
@@ -49,11 +51,23 @@ def test_failpoints_fire_only_in_their_epoch():
 @pytest.mark.parametrize("text", [
     "explode@unit=1", "crash", "crash@unit=1:start", "crash@unit=x", "oom@start",
     "crash@unit=1:seconds=3", "ignore_sigterm@unit=3", "oom@unit=1:times=0",
-    "crash@unit=1:signal=SIGNOPE", "stall@unit=-1",
+    "crash@unit=1:signal=SIGNOPE", "stall@unit=-1", "crawl", "crawl@unit=3:seconds=0.1",
+    "crawl@start:seconds=1", "crawl@seconds=0.1:times=2", "crawl@seconds=-1", "crawl@code=1",
 ])
 def test_failpoint_grammar_names_the_bad_entry(text):
     with pytest.raises(FailpointError, match="failpoint"):
         Failpoints.parse(text, epoch=1)
+
+
+def test_a_crawl_sleeps_per_unit_of_every_batch():
+    fps = Failpoints.parse("crawl@seconds=0.01", epoch=1)
+    for count in (5, 20):
+        began = time.monotonic()
+        fps.crawl(count)
+        assert time.monotonic() - began >= 0.01 * count
+    began = time.monotonic()
+    Failpoints.parse("crawl@seconds=1:epoch=2", epoch=1).crawl(100)  # another epoch's
+    assert time.monotonic() - began < 1
 
 
 def test_failpoints_fire_in_the_batch_holding_their_unit_as_often_as_asked():

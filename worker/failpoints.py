@@ -13,13 +13,16 @@ Never active unless that variable is set. Its value is a ``;``-separated list of
     cuda_sticky@unit=40           raise a CUDA-style sticky error (illegal address)
     error@unit=40                 raise RuntimeError, as a buggy job would
     ignore_sigterm                ignore SIGTERM from the start (no trigger)
+    crawl@seconds=0.002           every batch takes that much longer per unit in it, as on
+                                  a slower device (no trigger; beats go on)
 
 A trigger is ``unit=K``: the failpoint fires when a batch containing unit K is about to
 be computed (before it is merged), or ``start``: before ``hello`` (crash, hang_*, stall
 only). ``epoch=E`` limits it to epoch E (a standalone run counts as epoch 1); without
 it, it fires in every epoch that computes unit K, so not after a resume past K.
 ``times=N`` (default 1) is how often it may fire in one process, e.g. so an OOM repeats
-at smaller batches.
+at smaller batches. ``crawl`` takes ``seconds`` and ``epoch`` only: it paces a run in wall
+time without spending CPU on a bigger job.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from nkat.worker.backend import StickyDeviceError
 ENV = "NKAT_FAILPOINTS"
 
 KINDS = frozenset({"crash", "hang_gil", "hang_nogil", "stall", "oom", "cuda_sticky", "error",
-                   "ignore_sigterm"})
+                   "ignore_sigterm", "crawl"})
 _AT_START = frozenset({"crash", "hang_gil", "hang_nogil", "stall"})
 _KEYS = {
     "crash": {"code", "signal"},
     "stall": {"seconds"},
+    "crawl": {"seconds"},
 }
 _COMMON_KEYS = {"unit", "epoch", "times"}
 
@@ -94,6 +98,14 @@ class Failpoints:
                 _fire(point, f"unit {point.unit}")
 
 
+    def crawl(self, count: int) -> None:
+        """Sleep as a slower device would over ``count`` units: called inside the batch's
+        timing, so the batch sizer sees the device as that slow."""
+        for point in self._points:
+            if point.kind == "crawl":
+                time.sleep(point.seconds * count)
+
+
 def _parse_entry(entry: str) -> Failpoint:
     kind, _, rest = entry.partition("@")
     kind = kind.strip()
@@ -123,7 +135,11 @@ def _parse_entry(entry: str) -> Failpoint:
                 setattr(point, key, int(value))
         except ValueError:
             raise FailpointError(f"failpoint {entry!r}: bad value in {item!r}") from None
-    if at_start == (point.unit is not None):
+    if kind == "crawl":
+        if at_start or point.unit is not None or point.times != 1 or "seconds=" not in rest:
+            raise FailpointError(f"failpoint {entry!r}: crawl takes seconds=S (per unit) "
+                                 "and epoch=E only")
+    elif at_start == (point.unit is not None):
         raise FailpointError(f"failpoint {entry!r}: needs exactly one trigger, "
                              "unit=K or start")
     if at_start and kind not in _AT_START:

@@ -260,6 +260,7 @@ class Runner:
         count = min(self.sizer.size, self.stop - first)
         self.failpoints.before_batch(first, count)
         launched = time.perf_counter()
+        self.failpoints.crawl(count)
         handle = self.job.compute_batch(self.backend.xp, first, count)
         self.inflight.append(_Batch(first, count, handle, launched))
 

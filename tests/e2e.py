@@ -35,6 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 FAST_RESTARTS = ["restart_delay=0.05", "restart_delay_max=0.2", "max_restarts=1000",
                  "poison_after=1000", "checkpoint_interval=0.2", "segment_size=1048576"]
 
+#: Failpoints for a run that only has to stay alive while a test watches it: 20 ms a unit,
+#: so a never-ending job does not take the CPU from the tests beside it.
+IDLING = "crawl@seconds=0.02"
+
 
 def deterministic(result: dict[str, Any]) -> str:
     """The blocks of a result that must be byte-identical across interruptions."""

@@ -21,6 +21,9 @@ from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
 )
 
 SMALL = ["--set", "max_dimension=1000", "--quiet"]
+#: 20 ms a unit: a run of 60,000,000 dims (916 units) lasts about 18 s unless stopped, and
+#: obeys a stop within a batch.
+CRAWL = "crawl@seconds=0.02"
 
 
 def cli(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -76,7 +79,7 @@ def test_runs_rm_and_prune(tmp_path):
 
 def test_a_stopped_run_is_removed_only_with_force(tmp_path):
     run = SupervisedRun(tmp_path, "keep", ["max_dimension=60000000", "unit_dims=65536"],
-                        failpoints="stall@unit=300:seconds=20:epoch=1")
+                        failpoints=CRAWL)
     run.start()
     run.wait_welcomed(1)
     busy = cli(run.state, "runs", "rm", "keep", "--force")
@@ -128,7 +131,7 @@ def test_status_reads_like_prose_and_watch_ends_with_the_run(tmp_path):
 
 def test_sigterm_is_not_called_an_operators_stop(tmp_path):
     run = SupervisedRun(tmp_path, "term", ["max_dimension=60000000", "unit_dims=65536"],
-                        failpoints="stall@unit=300:seconds=20:epoch=1")
+                        failpoints=CRAWL)
     run.start()
     run.wait_welcomed(1)
     assert run.proc is not None

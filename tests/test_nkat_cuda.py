@@ -19,9 +19,6 @@ from nkat.worker.jobs.fixedpoint import LIMBS, from_limbs
 from nkat.worker.jobs.nkat_highdim import NkatHighDim
 from nkat.worker.jobs.nkat_sums import SHIFT_BITS, fold_q, fold_s
 
-#: One worker of pytest-xdist runs these: they share one compiled CUDA shim.
-pytestmark = pytest.mark.xdist_group("cuda_shim")
-
 # CUDA's built-ins for a CPU: __shared__ becomes static (blocks run one after another, so
 # a function's statics are that block's shared memory), __syncthreads a std::barrier.
 SHIM = r"""

@@ -27,9 +27,6 @@ from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     wait_for,
 )
 
-#: One worker of pytest-xdist runs these: they share one local Ray cluster.
-pytestmark = pytest.mark.xdist_group("ray_cluster")
-
 JOB = ["max_dimension=75000000", "unit_dims=131072"]  # 573 units, 12 shards on 3 nodes
 #: Every unit takes a little while on the nodes, so the faults land mid-run, while the job
 #: itself costs little CPU.

@@ -21,10 +21,10 @@ from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     wait_for,
 )
 
-JOB = ["max_dimension=300000000", "unit_dims=65536"]  # 4578 units
-#: Each unit lasts at least 2 ms (about 9 s in all), so every kill lands mid-run while the
+JOB = ["max_dimension=100000000", "unit_dims=65536"]  # 1526 units
+#: Each unit lasts at least 6 ms (about 9 s in all), so every kill lands mid-run while the
 #: job itself costs little CPU.
-CRAWL = "crawl@seconds=0.002"
+CRAWL = "crawl@seconds=0.006"
 
 
 @pytest.fixture(scope="module")

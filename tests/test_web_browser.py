@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import SupervisedRun, reap_processes  # noqa: F401 - autouse fixture
+from tests.e2e import IDLING, SupervisedRun, reap_processes  # noqa: F401 - autouse fixture
 
 try:
     from playwright.sync_api import Page, sync_playwright
@@ -91,7 +91,7 @@ def test_a_phone_watches_a_run_progress_and_stop_without_reloading(phone, tmp_pa
     page, errors = phone
     run = SupervisedRun(tmp_path, "web", ["max_dimension=1000000000000",
                                           "checkpoint_interval=0.3", "gpu_log_interval=0.3"],
-                        extra_args=["--sim-gpu", str(CALM)])
+                        extra_args=["--sim-gpu", str(CALM)], failpoints=IDLING)
     run.start()
     run.wait_progress()
     server, url = serve(run.state)

@@ -20,7 +20,7 @@ from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.web.access import AccessError, listen_token, read_token, token_matches
 from nkat.supervisor.web.board import Board, compact, gpu_rows, json_safe
 from nkat.supervisor.web.page import COOKIE, StatusPage, parse_open
-from tests.e2e import SupervisedRun, reap_processes, wait_for  # noqa: F401 - autouse fixture
+from tests.e2e import IDLING, SupervisedRun, reap_processes, wait_for  # noqa: F401 - autouse fixture
 
 REPO = Path(__file__).resolve().parent.parent
 CALM = REPO / "supervisor" / "profiles" / "calm.toml"
@@ -135,7 +135,7 @@ def test_a_live_run_shows_rate_eta_gpu_chart_restarts_and_warnings(tmp_path):
     run = SupervisedRun(tmp_path, "live", ["max_dimension=1000000000000",
                                            "checkpoint_interval=0.2", "gpu_log_interval=0.2",
                                            "restart_delay=0.05"],
-                        extra_args=["--sim-gpu", str(CALM)])
+                        extra_args=["--sim-gpu", str(CALM)], failpoints=IDLING)
     run.start()
     run.wait_progress()
     run.kill_worker()
@@ -314,7 +314,7 @@ def test_a_supervisor_serves_its_own_page_at_http_addr(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     run = SupervisedRun(tmp_path, "own", ["max_dimension=1000000000000",
-                                          f"http_addr=127.0.0.1:{port}"])
+                                          f"http_addr=127.0.0.1:{port}"], failpoints=IDLING)
     run.start()
     run.wait_progress()
     (card,) = wait_for(lambda: api(port, "own:0")["runs"], 30, "the run's own page")

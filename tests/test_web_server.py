@@ -20,7 +20,7 @@ import pytest
 
 from nkat.supervisor.ops.metrics import RunMetrics
 from nkat.supervisor.web.server import ConnectionLimiter, loop_thread_alive
-from tests.e2e import SupervisedRun, reap_processes  # noqa: F401 - the fixture is autouse
+from tests.e2e import IDLING, SupervisedRun, reap_processes  # noqa: F401 - the fixture is autouse
 
 REPO = Path(__file__).resolve().parent.parent
 FLOOD = 500
@@ -222,7 +222,8 @@ def test_a_live_supervisor_under_a_metrics_flood_keeps_its_handles_and_runs_on(t
     port = free_port()
     run = SupervisedRun(tmp_path, "flood", ["max_dimension=1000000000000",
                                             f"metrics_addr=127.0.0.1:{port}",
-                                            "checkpoint_interval=0.2"])
+                                            "checkpoint_interval=0.2"],
+                        failpoints=IDLING)
     proc = run.start()
     run.wait_progress()
     sup = psutil.Process(proc.pid)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -12,6 +14,26 @@ from tests import e2e
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--crash-states", type=int, default=None, metavar="N",
                      help="WAL power-loss tests: check N crash states (0: every one)")
+
+
+#: The session's base temp dir when this conftest made it (removed after a green run).
+_SHORT_BASETEMP: str | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the session a short base temp dir. Runs put their sockets under the test's
+    tmp_path, and a Unix socket's path stops at 107 bytes: pytest's default base
+    (``/tmp/pytest-of-USER/pytest-N``) plus pytest-xdist's ``popen-gwN`` left too little
+    room for a run's ``runs/ID/sock/worker``."""
+    global _SHORT_BASETEMP
+    if config.option.basetemp is None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _SHORT_BASETEMP = config.option.basetemp = tempfile.mkdtemp(prefix="nkt-")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SHORT_BASETEMP and exitstatus == 0:
+        shutil.rmtree(_SHORT_BASETEMP, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Each suite lives in ``tools/bench_<suite>.py`` and exposes ``run(args) -> dict`` of
 figures measured in this one run (ratios where the machine's noise matters). Suites:
-wal, nkat, supervisor, gpu, cli, remote, hardening, scale.
+wal, nkat, supervisor, gpu, cli, remote, hardening, scale, tests.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-SUITES = ("wal", "nkat", "supervisor", "gpu", "cli", "remote", "hardening", "scale")
+SUITES = ("wal", "nkat", "supervisor", "gpu", "cli", "remote", "hardening", "scale", "tests")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,7 +97,6 @@ class Failpoints:
                 point.times -= 1
                 _fire(point, f"unit {point.unit}")
 
-
     def crawl(self, count: int) -> None:
         """Sleep as a slower device would over ``count`` units: called inside the batch's
         timing, so the batch sizer sees the device as that slow."""

@@ -144,7 +144,11 @@ def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, clus
     status = run.status()
     assert status["engine"] == "ray" and status["nodes"] == 3
     assert status["shards"]["total"] == 12  # 4 per node agent the cluster had at the start
-    victim = sorted(busy_nodes(run))[0]
+    # The node furthest from finishing its shard, so that the shard is still running when
+    # the node goes (one that finished just then would have nothing to move).
+    rows = [r for r in run.status().get("gpus") or () if r.get("shard") is not None
+            and r.get("node")]
+    victim = min(rows, key=lambda r: r.get("progress") or 0.0)["node"]
     cluster.remove(cluster.node_with(victim))  # type: ignore[attr-defined]
     try:
         finish(run, expected)

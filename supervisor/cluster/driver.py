@@ -368,12 +368,15 @@ class Driver:
         self._requeue(task, reason, self.failures, MAX_FAILURES, "failed")
 
     def _lost(self, agent: Agent, why: str) -> None:
-        """Ray says the agent is gone: its shard goes back to the queue."""
+        """Ray says the agent is gone: its shard goes back to the queue, unless the shard
+        finished just before."""
         task = agent.task
         if task is None:
             self._drop(agent)
             return
-        self._retire(agent, task.shard, why)
+        self._refresh()
+        finished = bool(self.snapshot["shards"][task.shard]["done"])
+        self._retire(agent, task.shard, why, finished=finished)
         self._requeue(task, why, self.losses, MAX_LOSSES, "was lost with its node")
 
     def _requeue(self, task: ShardTask, why: str, counter: collections.Counter[int],
@@ -401,7 +404,8 @@ class Driver:
         self.log.info("shard.completed", shard=task.shard, node=node, attempt=task.attempt)
         return True
 
-    def _retire(self, agent: Agent, shard: int, why: str, kept: str | None = None) -> None:
+    def _retire(self, agent: Agent, shard: int, why: str, kept: str | None = None,
+                finished: bool = False) -> None:
         node = str((agent.where or {}).get("node", "?"))[:8]
         self._drop(agent)
         self._ask(self.journal.record.remote(journal.Event(
@@ -409,8 +413,11 @@ class Driver:
             fields={"worker": agent.id, "node": node, "shard": shard})))
         self.log.warning("node.retired", agent=agent.id, node=node, shard=shard, reason=why,
                          kept=kept)
-        self.say(f"shard {shard} left node {node} ({why}); it resumes elsewhere from its "
-                 "last durable checkpoint")
+        if finished:  # the shard's last checkpoint was durable before its node went
+            self.say(f"node {node} left ({why}) just after shard {shard} finished there")
+        else:
+            self.say(f"shard {shard} left node {node} ({why}); it resumes elsewhere from its "
+                     "last durable checkpoint")
 
     def _end_unstopped(self, agent: Agent) -> None:
         """Past the stop deadline: the agent is ended, its last durable checkpoint kept

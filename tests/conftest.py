@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 
@@ -27,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
     (``/tmp/pytest-of-USER/pytest-N``) plus pytest-xdist's ``popen-gwN`` left too little
     room for a run's ``runs/ID/sock/worker``."""
     global _SHORT_BASETEMP
-    if config.option.basetemp is None and not os.environ.get("PYTEST_XDIST_WORKER"):
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
         _SHORT_BASETEMP = config.option.basetemp = tempfile.mkdtemp(prefix="nkt-")
 
 
@@ -45,11 +44,12 @@ def crash_states(request: pytest.FixtureRequest) -> int | None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def reference_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Reference results are computed once per session; under pytest-xdist each worker's
-    base temp dir is a child of the run's, and the cache sits in the run's."""
+def reference_cache(request: pytest.FixtureRequest,
+                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Reference results are computed once per session; a pytest-xdist worker's base temp
+    dir is ``popen-gwN`` under the session's, and the cache sits in the session's."""
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if hasattr(request.config, "workerinput") and base.name.startswith("popen-gw"):
         base = base.parent
     e2e.REFERENCE_CACHE = base / "references"
 

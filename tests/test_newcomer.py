@@ -3,8 +3,8 @@ README's two opening commands run as written.
 
 Marked slow (``python -m pytest -m slow tests/test_newcomer.py`` runs it): a fresh
 virtualenv and two installs cost more than a minute, and ``.ci/run`` is itself this
-newcomer on every CI run. It runs README's first command as written, install included,
-in a fresh virtualenv on a copy of the tree, then README's second command in full.
+newcomer on every CI run: it runs README's first command as written, install included, in
+a fresh virtualenv on a copy of the tree, and later README's second command in full.
 
 One deviation, on purpose: README's second command would run this suite inside itself.
 Here its install part runs exactly as written, then ``python -m pytest -q --collect-only``,

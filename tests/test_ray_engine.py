@@ -31,8 +31,9 @@ JOB = ["max_dimension=75000000", "unit_dims=131072"]  # 573 units, 12 shards on 
 #: Every unit takes a little while on the nodes, so the faults land mid-run, while the job
 #: itself costs little CPU.
 CRAWL = "crawl@seconds=0.035"
+#: Batches of 4 crawling units (0.14 s): progress and checkpoints come often.
 QUICK = ["restart_delay=0.05", "checkpoint_interval=0.3", "segment_size=1048576",
-         "ray_resource=nkat", "ray_lease=10"]
+         "ray_resource=nkat", "ray_lease=10", "batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +147,9 @@ def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, clus
     assert status["shards"]["total"] == 12  # 4 per node agent the cluster had at the start
     # The node furthest from finishing its shard, so that the shard is still running when
     # the node goes (one that finished just then would have nothing to move).
-    rows = [r for r in run.status().get("gpus") or () if r.get("shard") is not None
-            and r.get("node")]
+    rows = wait_for(lambda: [r for r in run.status().get("gpus") or ()
+                             if r.get("shard") is not None and r.get("node")],
+                    30, "the nodes' rows in the status")
     victim = min(rows, key=lambda r: r.get("progress") or 0.0)["node"]
     cluster.remove(cluster.node_with(victim))  # type: ignore[attr-defined]
     try:

@@ -24,8 +24,9 @@ JOB = ["max_dimension=75000000", "unit_dims=131072"]  # 573 units: 8 shards of ~
 #: Every unit takes a little while, so kills and the heat land mid-run, while the job
 #: itself costs little CPU.
 CRAWL = "crawl@seconds=0.06"
+#: Batches of 4 crawling units (0.24 s): checkpoints and stops are obeyed promptly.
 QUICK = ["restart_delay=0.05", "checkpoint_interval=0.3", "segment_size=1048576",
-         "thermal_dwell=2", "thermal_samples=2", "gpu_poll_interval=0.2"]
+         "thermal_dwell=2", "thermal_samples=2", "gpu_poll_interval=0.2", "batch_size=4"]
 
 
 def test_two_gpus_kill_heat_and_a_supervisor_kill_give_the_one_gpu_result(tmp_path):

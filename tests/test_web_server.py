@@ -227,7 +227,7 @@ def test_a_live_supervisor_under_a_metrics_flood_keeps_its_handles_and_runs_on(t
     proc = run.start()
     run.wait_progress()
     sup = psutil.Process(proc.pid)
-    # Served from before supervision starts; the gauge follows the worker's state.
+    # The endpoint serves while the run is live, and the gauge follows the worker's state.
     wait_until(lambda: 'nkat_up{run_id="flood"} 1.0' in scrape(port), 30,
                "nkat_up to show the running worker")
     fds_before, threads_before = sup.num_fds(), sup.num_threads()

@@ -52,15 +52,18 @@ def test_failpoints_fire_only_in_their_epoch():
     "explode@unit=1", "crash", "crash@unit=1:start", "crash@unit=x", "oom@start",
     "crash@unit=1:seconds=3", "ignore_sigterm@unit=3", "oom@unit=1:times=0",
     "crash@unit=1:signal=SIGNOPE", "stall@unit=-1", "crawl", "crawl@unit=3:seconds=0.1",
-    "crawl@start:seconds=1", "crawl@seconds=0.1:times=2", "crawl@seconds=-1", "crawl@code=1",
+    "crawl@start:seconds=1", "crawl@seconds=0.1:times=1", "crawl@seconds=-1", "crawl@code=1",
+    "crawl@seconds=nan", "stall@unit=1:seconds=inf", "crawl@epoch=2",
 ])
 def test_failpoint_grammar_names_the_bad_entry(text):
     with pytest.raises(FailpointError, match="failpoint"):
         Failpoints.parse(text, epoch=1)
 
 
-def test_a_crawl_sleeps_per_unit_of_every_batch():
+def test_a_crawl_sleeps_per_unit_of_every_batch(capfd):
     fps = Failpoints.parse("crawl@seconds=0.01", epoch=1)
+    fps.install()  # nothing fires at start
+    assert "fired" not in capfd.readouterr().err
     for count in (5, 20):
         began = time.monotonic()
         fps.crawl(count)

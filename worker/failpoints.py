@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -85,7 +86,7 @@ class Failpoints:
             if point.kind == "ignore_sigterm":
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for point in self._points:
-            if point.kind != "ignore_sigterm" and point.unit is None and point.times > 0:
+            if point.kind in _AT_START and point.unit is None and point.times > 0:
                 point.times -= 1
                 _fire(point, "start")
 
@@ -135,7 +136,8 @@ def _parse_entry(entry: str) -> Failpoint:
         except ValueError:
             raise FailpointError(f"failpoint {entry!r}: bad value in {item!r}") from None
     if kind == "crawl":
-        if at_start or point.unit is not None or point.times != 1 or "seconds=" not in rest:
+        given = {item.partition("=")[0] for item in items}
+        if at_start or not given <= {"seconds", "epoch"} or "seconds" not in given:
             raise FailpointError(f"failpoint {entry!r}: crawl takes seconds=S (per unit) "
                                  "and epoch=E only")
     elif at_start == (point.unit is not None):
@@ -143,7 +145,7 @@ def _parse_entry(entry: str) -> Failpoint:
                              "unit=K or start")
     if at_start and kind not in _AT_START:
         raise FailpointError(f"failpoint {entry!r}: {kind} cannot fire at start")
-    if (point.unit or 0) < 0 or point.times < 1 or point.seconds < 0:
+    if (point.unit or 0) < 0 or point.times < 1 or not 0 <= point.seconds < math.inf:
         raise FailpointError(f"failpoint {entry!r}: values out of range")
     return point
 

@@ -23,7 +23,7 @@ _SHORT_BASETEMP: str | None = None
 def pytest_configure(config: pytest.Config) -> None:
     """Give the session a short base temp dir. Runs put their sockets under the test's
     tmp_path, and a Unix socket's path stops at 107 bytes: pytest's default base
-    (``/tmp/pytest-of-USER/pytest-N``) plus pytest-xdist's ``popen-gwN`` left too little
+    (``pytest-of-USER/pytest-N`` in the temp dir) plus pytest-xdist's ``popen-gwN`` left too little
     room for a run's ``runs/ID/sock/worker``."""
     global _SHORT_BASETEMP
     if config.option.basetemp is None and not hasattr(config, "workerinput"):

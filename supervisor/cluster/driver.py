@@ -374,27 +374,27 @@ class Driver:
         if task is None:
             self._drop(agent)
             return
-        self._refresh()
-        finished = bool(self.snapshot["shards"][task.shard]["done"])
+        finished = self._requeue(task, why, self.losses, MAX_LOSSES, "was lost with its node")
         self._retire(agent, task.shard, why, finished=finished)
-        self._requeue(task, why, self.losses, MAX_LOSSES, "was lost with its node")
 
     def _requeue(self, task: ShardTask, why: str, counter: collections.Counter[int],
-                 limit: int, what: str) -> None:
-        """``task``'s shard back to the head of the queue, unless it is done; a shard
-        that ends ``limit`` attempts in a row without durable progress gives the run up."""
+                 limit: int, what: str) -> bool:
+        """``task``'s shard back to the head of the queue, unless it is done (True); a
+        shard that ends ``limit`` attempts in a row without durable progress gives the run
+        up."""
         self._refresh()
         if self._shard_done(task, None):
-            return
+            return True
         self.pending.appendleft(task.shard)
         if self.snapshot["shards"][task.shard]["units_done"] > task.units_done:
             self.failures.pop(task.shard, None)
             self.losses.pop(task.shard, None)
-            return
+            return False
         counter[task.shard] += 1
         if counter[task.shard] >= limit:
             self.outcome = ("gave_up", f"shard {task.shard} {what} {limit} attempts in a row "
                                        f"without progress; the last: {why}")
+        return False
 
     def _shard_done(self, task: ShardTask, node: str | None) -> bool:
         if not self.snapshot["shards"][task.shard]["done"]:

@@ -1,8 +1,9 @@
 """Smoke test of tools/crash_campaign.py: a short random-kill campaign on real processes.
 
-Nine kills, three of each kind (worker, supervisor, both at once), on a small job; the
-run must still end with the uninterrupted result, byte for byte, without losing an
-acknowledged checkpoint or leaving a worker behind. The full campaign is
+Nine kills, three of each kind (worker, supervisor, both at once), 0.2 to 0.7 s apart
+(the tool's default is 0.3 to 1.5 s), on a small job; the run must still end with the
+uninterrupted result, byte for byte, without losing an acknowledged checkpoint or leaving
+a worker behind. The full campaign is
 ``python tools/crash_campaign.py --kills 30``.
 """
 
@@ -22,7 +23,8 @@ CAMPAIGN = Path(__file__).resolve().parent.parent / "tools" / "crash_campaign.py
 def test_random_kills_keep_the_result_and_every_acked_checkpoint(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(CAMPAIGN), "--kills", "9", "--seed", "3", "--target", "both",
-         "--max-dimension", "1e8", "--state-dir", str(tmp_path), "--quiet"],
+         "--max-dimension", "1e8", "--interval", "0.2", "0.7", "--state-dir", str(tmp_path),
+         "--quiet"],
         capture_output=True, text=True, timeout=170)
     assert proc.stdout, proc.stderr
     summary = json.loads(proc.stdout)

@@ -30,8 +30,8 @@ from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
 JOB = ["max_dimension=75000000", "unit_dims=131072"]  # 573 units, 12 shards on 3 nodes
 #: Every unit takes a little while on the nodes, so the faults land mid-run, while the job
 #: itself costs little CPU.
-CRAWL = "crawl@seconds=0.035"
-#: Batches of 4 crawling units (0.14 s): progress and checkpoints come often.
+CRAWL = "crawl@seconds=0.02"
+#: Batches of 4 crawling units (0.08 s): progress and checkpoints come often.
 QUICK = ["restart_delay=0.05", "checkpoint_interval=0.3", "segment_size=1048576",
          "ray_resource=nkat", "ray_lease=10", "batch_size=4"]
 

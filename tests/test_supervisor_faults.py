@@ -17,6 +17,7 @@ import zmq
 from nkat.protocol import messages as m
 from nkat.supervisor.wal import RecordType
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
+    IDLING,
     SupervisedRun,
     deterministic,
     reap_processes,
@@ -57,8 +58,7 @@ def test_hang_with_gil_held_is_unresponsive_and_recovered(tmp_path, expected):
 
 # The operator -------------------------------------------------------------------------------
 def test_sigterm_checkpoints_records_stop_and_exits_4(tmp_path, expected):
-    run = SupervisedRun(tmp_path, "term", JOB + QUICK,
-                        failpoints="stall@unit=400:seconds=3:epoch=1")
+    run = SupervisedRun(tmp_path, "term", JOB + QUICK, failpoints=IDLING)
     run.start()
     run.wait_welcomed(1)
     time.sleep(0.3)
@@ -91,8 +91,7 @@ def test_detach_returns_the_run_id_and_sockets_are_private(tmp_path, expected):
 
 
 def test_stop_command_and_second_supervisor(tmp_path):
-    run = SupervisedRun(tmp_path, "ctl", JOB + QUICK,
-                        failpoints="stall@unit=100:seconds=20:epoch=1")
+    run = SupervisedRun(tmp_path, "ctl", JOB + QUICK, failpoints=IDLING)
     run.start()
     run.wait_welcomed(1)
     second = subprocess.run(run.argv(), capture_output=True, text=True, timeout=60)

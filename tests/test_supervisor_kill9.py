@@ -22,9 +22,13 @@ from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
 )
 
 JOB = ["max_dimension=100000000", "unit_dims=65536"]  # 1526 units
-#: Each unit lasts at least 6 ms (about 9 s in all), so every kill lands mid-run while the
-#: job itself costs little CPU.
-CRAWL = "crawl@seconds=0.006"
+
+
+def crawling(epochs: int) -> str:
+    """Failpoints that make each unit of epochs 1..``epochs`` last at least 6 ms (about
+    9 s for the whole job), so every kill lands mid-run while the job itself costs little
+    CPU; the epoch after the last kill runs at full speed to the end."""
+    return ";".join(f"crawl@seconds=0.006:epoch={e}" for e in range(1, epochs + 1))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def _check_no_acked_loss(acked_before: list[tuple[int, int]], run: SupervisedRun
 
 def test_worker_sigkilled_eight_times_finishes_identically(tmp_path, expected):
     rng = random.Random(20261128)
-    run = SupervisedRun(tmp_path, "kill-worker", JOB + FAST_RESTARTS, failpoints=CRAWL)
+    run = SupervisedRun(tmp_path, "kill-worker", JOB + FAST_RESTARTS, failpoints=crawling(8))
     run.start()
     acked_before = []
     for epoch in range(1, 9):
@@ -62,7 +66,7 @@ def test_worker_sigkilled_eight_times_finishes_identically(tmp_path, expected):
 
 def test_supervisor_sigkilled_three_times_resumes_with_start(tmp_path, expected):
     rng = random.Random(5)
-    run = SupervisedRun(tmp_path, "kill-sup", JOB + FAST_RESTARTS, failpoints=CRAWL)
+    run = SupervisedRun(tmp_path, "kill-sup", JOB + FAST_RESTARTS, failpoints=crawling(3))
     acked_before = []
     for epoch in range(1, 4):
         run.start()
@@ -82,7 +86,7 @@ def test_supervisor_sigkilled_three_times_resumes_with_start(tmp_path, expected)
 
 def test_both_sigkilled_together(tmp_path, expected):
     rng = random.Random(7)
-    run = SupervisedRun(tmp_path, "kill-both", JOB + FAST_RESTARTS, failpoints=CRAWL)
+    run = SupervisedRun(tmp_path, "kill-both", JOB + FAST_RESTARTS, failpoints=crawling(3))
     acked_before = []
     for epoch in range(1, 4):
         run.start()

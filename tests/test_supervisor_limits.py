@@ -16,6 +16,7 @@ from nkat.supervisor import journal
 from nkat.supervisor.supervise import MAX_PEERS
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     _STARTED,
+    IDLING,
     SupervisedRun,
     deterministic,
     env_with,
@@ -92,8 +93,7 @@ def test_the_sockets_bounds_are_far_below_the_minimum_limit():
 
 
 def test_the_flood_guard_resumes_listening_once_connections_close(tmp_path):
-    run = SupervisedRun(tmp_path, "again", JOB + QUICK,
-                        failpoints="stall@unit=300:seconds=6:epoch=1")
+    run = SupervisedRun(tmp_path, "again", JOB + QUICK, failpoints=IDLING)
     run.start()
     run.wait_welcomed(1)
     path = str(run.path / "sock" / "control")
@@ -122,8 +122,7 @@ def test_the_flood_guard_resumes_listening_once_connections_close(tmp_path):
 
 
 def test_a_failure_inside_the_loop_is_recorded_and_exits_3(tmp_path):
-    run = SupervisedRun(tmp_path, "broken", JOB + QUICK,
-                        failpoints="stall@unit=300:seconds=20:epoch=1")
+    run = SupervisedRun(tmp_path, "broken", JOB + QUICK, failpoints=IDLING)
     run.start()
     run.wait_welcomed(1)
     stop = subprocess.run(run.argv("stop")[:6] + [run.run_id], env=env_with(),

@@ -347,5 +347,5 @@ def test_the_campaign_catches_a_log_that_never_refuses(monkeypatch: pytest.Monke
     from nkat.supervisor.wal.recovery import Assessment
 
     monkeypatch.setattr(Assessment, "needed", lambda self, damage: False)
-    result = run_damage_campaign()
+    result = run_damage_campaign(stop_at_wrong=True)
     assert any("opened though" in w for w in result.wrong)

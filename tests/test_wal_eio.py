@@ -4,6 +4,7 @@ no retry), and a reopen finds everything acknowledged before the failure."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from nkat.supervisor.wal.testing.crashcheck import (
     checkpoint_meta,
     run_workload,
 )
-from nkat.supervisor.wal.testing.recording import CrashState, RecordingIO
+from nkat.supervisor.wal.testing.recording import CrashState, Op, RecordingIO
 
 
 def event(i: int) -> dict[str, object]:
@@ -124,13 +125,20 @@ FAULTS = [
 ]
 
 
+@functools.cache
+def clean_ops(seed: int) -> tuple[Op, ...]:
+    """The operations of the crash workload ``seed`` run without a fault: the same for
+    every fault below, so run once."""
+    return tuple(run_workload(seed).io.ops)
+
+
 @pytest.mark.parametrize(("kind", "err", "suffix"), FAULTS)
 def test_a_fault_at_any_operation_loses_nothing_acknowledged(kind: str, err: int,
                                                               suffix: str) -> None:
     """Fail the n-th matching operation of the crash workload for a spread of n; check
     the disk as the next process finds it and every crash state after the failure."""
     for seed in (0, 1):
-        count = sum(1 for op in run_workload(seed).io.ops
+        count = sum(1 for op in clean_ops(seed)
                     if (op.kind == kind or (kind, op.kind) == ("fallocate", "extend"))
                     and str(op.path).endswith(suffix))
         assert count, (kind, suffix)
@@ -140,7 +148,7 @@ def test_a_fault_at_any_operation_loses_nothing_acknowledged(kind: str, err: int
             work = run_workload(seed, io=io)
             assert work.failure is not None and work.failure.errno == err
             states = [CrashState(len(io.ops), "clean exit", io.image())]
-            states += [s for s in io.crash_states() if s.point >= len(io.ops) - 4]
+            states += io.crash_states(since=len(io.ops) - 4)
             for state in states:
                 assert check_state(work, state) == [], (kind, after, state.label)
 

@@ -43,5 +43,5 @@ def test_the_campaign_catches_a_missing_sync(monkeypatch: pytest.MonkeyPatch,
                                              skipped: str) -> None:
     """The checker is not vacuous: a log that skips a sync loses acknowledged data."""
     monkeypatch.setattr(RecordingIO, skipped, lambda self, target: None)
-    result = run_campaign(300, seed=0, workloads=2, second_lives=0)
+    result = run_campaign(300, seed=0, workloads=2, second_lives=0, stop_at_violation=True)
     assert result.violations

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from nkat.worker import shards, standalone, supervised
 from nkat.worker.backend import BACKENDS
 
 DESCRIPTION = """\
@@ -55,18 +54,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="read a run's spec (JSON {job, params}) on stdin and check it "
                              "the way a worker would: exit 0, or 2 with the job's own message")
     args = parser.parse_args(argv)
+    # Each mode imports only what it runs: a spec check or a merge starts no channel.
     if args.check_spec:
+        from nkat.worker import standalone
         return standalone.check_spec(sys.stdin.read())
     if args.merge_shards:
         if args.standalone or args.job or args.sets or args.backend or args.out:
             parser.error("--merge-shards takes no other option: the spec comes with the "
                          "states on stdin")
+        from nkat.worker import shards
         return shards.main()
     if not args.standalone:
         if args.job or args.sets or args.backend or args.out:
             parser.error("--job, --set, --backend and --out need --standalone; a supervised "
                          "worker reads NKAT_* from the environment")
+        from nkat.worker import supervised
         supervised.main()
+    from nkat.worker import standalone
     return standalone.run(args.job or "nkat-highdim", args.sets, args.backend or "auto",
                           args.out)
 

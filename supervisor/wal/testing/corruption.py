@@ -135,8 +135,11 @@ class DamageResult:
     wrong: list[str] = field(default_factory=list)
 
 
-def run_damage_campaign(*, sample: int | None = None, seed: int = 0) -> DamageResult:
-    """Run every case (``sample``: that many, chosen at random, for a quick look)."""
+def run_damage_campaign(*, sample: int | None = None, seed: int = 0,
+                        stop_at_wrong: bool = False) -> DamageResult:
+    """Run every case (``sample``: that many, chosen at random, for a quick look;
+    ``stop_at_wrong``: stop after the first case the log gets wrong, enough to show that
+    the oracle catches a broken log, ``cases`` then says how far it went)."""
     stopped, completed = build_base(), build_base(done=True)
     cases = list(cases_of(stopped))
     cases += [c for c in frame_cases(completed, "completed")
@@ -148,6 +151,8 @@ def run_damage_campaign(*, sample: int | None = None, seed: int = 0) -> DamageRe
         base = completed if case.name.startswith("completed") else stopped
         result.cases += 1
         result.wrong += [f"{case.name}: {p}" for p in check_case(base, case)]
+        if stop_at_wrong and result.wrong:
+            break
     return result
 
 

@@ -68,10 +68,22 @@ class Workload:
     reference: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # seq -> record
     failure: WalIOError | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more Wal.open settings
+    _decoded: dict[int, tuple[int, Any]] = field(default_factory=dict, init=False, repr=False)
+    _decoded_from: object = field(default=None, init=False, repr=False)
 
     @property
     def settings(self) -> dict[str, Any]:
         return {**PROFILES[self.profile][0], **self.extra}
+
+    def written(self, seq: int) -> tuple[int, Any]:
+        """The record (type, decoded payload) ``reference`` holds under ``seq``, decoded
+        once: every crash state of a workload is checked against the same records."""
+        if self._decoded_from is not self.reference:  # reference was replaced
+            self._decoded, self._decoded_from = {}, self.reference
+        if seq not in self._decoded:
+            rtype, payload = self.reference[seq]
+            self._decoded[seq] = (rtype, unpack_payload(payload))
+        return self._decoded[seq]
 
     def writes(self) -> dict[int, tuple[int, bytes]]:
         """The records (type, payload) in this workload's recorded writes, by seq: each
@@ -160,10 +172,12 @@ class CampaignResult:
 
 
 def run_campaign(max_states: int | None, seed: int = 0, workloads: int = 4,
-                 second_lives: int = 8) -> CampaignResult:
+                 second_lives: int = 8, *, stop_at_violation: bool = False) -> CampaignResult:
     """Check up to ``max_states`` crash states (None: all), sampled from those of
     ``workloads`` runs (seeds ``seed``, ``seed + 1``, ...) and of ``second_lives`` runs
-    that recover one of their torn states and go on appending."""
+    that recover one of their torn states and go on appending. ``stop_at_violation``:
+    stop after the first state that breaks a promise (enough to show that the checker
+    catches a broken log; ``states_checked`` then says how far it went)."""
     rng = random.Random(seed)
     states = [(work, state) for work in (run_workload(seed + i) for i in range(workloads))
               for state in work.io.crash_states()]
@@ -182,6 +196,8 @@ def run_campaign(max_states: int | None, seed: int = 0, workloads: int = 4,
         result.states_checked += 1
         result.violations += [f"point {state.point} ({state.label}): {p}"
                               for p in check_state(work, state)]
+        if stop_at_violation and result.violations:
+            break
     return result
 
 
@@ -194,7 +210,6 @@ def check_state(work: Workload, state: CrashState) -> list[str]:
 
 
 def _check(work: Workload, state: CrashState) -> list[str]:
-    written = work.reference
     io = RecordingIO(state.image)
     wal = Wal.open(WAL_DIR, BLOB_DIR, run=RUN, io=io, **work.settings)
     problems = []
@@ -205,8 +220,8 @@ def _check(work: Workload, state: CrashState) -> list[str]:
     for r in records:
         # Open itself writes only what a roll the crash stopped did not get to: the seal
         # of the segment before, or the run record that starts the new one.
-        if r.seq in written:
-            ok = (r.type, r.payload) == (written[r.seq][0], unpack_payload(written[r.seq][1]))
+        if r.seq in work.reference:
+            ok = (r.type, r.payload) == work.written(r.seq)
         else:
             ok = (r.type, r.payload) == (RecordType.RUN, RUN) or (
                 r.type == RecordType.SEAL and set(r.payload) == {"segment"})

@@ -37,11 +37,47 @@ from typing import Any, TypeVar
 
 #: Directory entry value of a subdirectory (files map to their inode number, >= 0).
 DIR = -1
-ROOT = PurePosixPath("/")
 
 _INODE_OPS = frozenset({"write", "extend", "truncate"})
 _SYNC_OPS = frozenset({"fsync", "fdatasync"})
 _DIR_OPS = frozenset({"link", "mkdir", "rename", "unlink"})
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _parsed(path: str) -> tuple[PurePosixPath, PurePosixPath, str]:
+    """A path, its parent and its name, parsed once per distinct string: pathlib parses
+    on every construction, and the same few paths come back on every operation. The
+    parent is the very object ``_pure`` gives for it, so dict lookups find it by
+    identity."""
+    pure = PurePosixPath(path)
+    parent = pure.parent
+    if parent != pure:  # the root (or ".") is its own parent
+        parent = _parsed(str(parent))[0]
+    return pure, parent, pure.name
+
+
+def _pure(path: Path | PurePosixPath) -> PurePosixPath:
+    """``PurePosixPath(path)``, from the cache."""
+    return _parsed(os.fspath(path))[0]
+
+
+def _parent(path: PurePosixPath) -> PurePosixPath:
+    """``path.parent``, from the cache."""
+    return _parsed(str(path))[1]
+
+
+def _name(path: PurePosixPath) -> str:
+    """``path.name``, from the cache."""
+    return _parsed(str(path))[2]
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _child(directory: PurePosixPath, name: str) -> PurePosixPath:
+    """``directory / name``, built once, with its parsing cached as well."""
+    return _pure(directory / name)
+
+
+ROOT = _parsed("/")[0]
 
 
 @dataclass(frozen=True)
@@ -59,10 +95,15 @@ class Op:
     dst: PurePosixPath | None = None
     failed: bool = False
 
-    @property
+    @functools.cached_property
     def directory(self) -> PurePosixPath:
         """The directory whose fsync makes this directory operation durable."""
-        return self.path.parent
+        return _parent(self.path)
+
+    @functools.cached_property
+    def name(self) -> str:
+        """The name of ``path`` in that directory."""
+        return _name(self.path)
 
 
 @dataclass(frozen=True)
@@ -79,14 +120,14 @@ class Image:
         while stack:
             directory = stack.pop()
             for name, ino in sorted(self.dirs.get(directory, {}).items()):
-                path = directory / name
+                path = _child(directory, name)
                 yield path, ino
                 if ino == DIR:
                     stack.append(path)
 
     def read(self, path: Path | PurePosixPath) -> bytes:
         """The bytes of a reachable file; FileNotFoundError otherwise."""
-        path = PurePosixPath(path)
+        path = _pure(path)
         for found, ino in self.walk():
             if found == path and ino != DIR:
                 return self.files.get(ino, b"")
@@ -94,8 +135,8 @@ class Image:
 
     def replace(self, path: Path | PurePosixPath, data: bytes) -> Image:
         """A copy with one existing file's contents replaced (for damage tests)."""
-        path = PurePosixPath(path)
-        ino = self.dirs.get(path.parent, {}).get(path.name)
+        path = _pure(path)
+        ino = self.dirs.get(_parent(path), {}).get(_name(path))
         if ino is None or ino == DIR:
             raise FileNotFoundError(errnos.ENOENT, "no such file in image", str(path))
         return Image(self.dirs, {**self.files, ino: bytes(data)})
@@ -146,7 +187,7 @@ class RecordingIO:
         self._files: dict[int, bytearray] = {}
         if image is not None:
             for path, ino in image.walk():
-                self._dirs[path.parent][path.name] = ino
+                self._dirs[_parent(path)][_name(path)] = ino
                 if ino == DIR:
                     self._dirs[path] = {}
                 else:
@@ -176,7 +217,7 @@ class RecordingIO:
 
     @_locked
     def crash_states(self, *, subset: int = 4, sectors: Iterable[int] = (512, 4096),
-                     tears: int = 8) -> list[CrashState]:
+                     tears: int = 8, since: int = 0) -> list[CrashState]:
         """Every distinct disk a power loss after each recorded operation could leave.
 
         At each point: nothing pending persisted; everything did; each subset of the
@@ -186,9 +227,12 @@ class RecordingIO:
         directory operations (a prefix when there are more than ``subset``). An image
         reachable from several points is returned once, with the latest point, where
         the most has been acknowledged.
+
+        ``since``: only the states whose point is ``since`` or later, exactly those of
+        the full list (earlier points are walked, not enumerated).
         """
         latest: dict[object, CrashState] = {}
-        for state in self._enumerate(subset, tuple(sectors), tears):
+        for state in self._enumerate(subset, tuple(sectors), tears, since):
             latest.pop(key := state.image.key(), None)
             latest[key] = state
         return sorted(latest.values(), key=lambda s: s.point)
@@ -199,7 +243,8 @@ class RecordingIO:
     def open(self, path: Path, flags: int) -> int:
         p = self._check("open", path)
         entries = self._dir_of(p)
-        ino = entries.get(p.name)
+        name = _name(p)
+        ino = entries.get(name)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if ino == DIR:
             raise IsADirectoryError(errnos.EISDIR, os.strerror(errnos.EISDIR), str(p))
@@ -209,7 +254,7 @@ class RecordingIO:
             ino = self._next_ino
             self._next_ino += 1
             self._files[ino] = bytearray()
-            entries[p.name] = ino
+            entries[name] = ino
             self._record("link", p, ino=ino)
         elif flags & os.O_CREAT and flags & os.O_EXCL:
             raise FileExistsError(errnos.EEXIST, os.strerror(errnos.EEXIST), str(p))
@@ -259,25 +304,25 @@ class RecordingIO:
 
     @_locked
     def read_file(self, path: Path) -> bytes:
-        return bytes(self._files[self._file_ino(PurePosixPath(path))])
+        return bytes(self._files[self._file_ino(_pure(path))])
 
     @_locked
     def read_range(self, path: Path, offset: int, length: int) -> bytes:
-        content = self._files[self._file_ino(PurePosixPath(path))]
+        content = self._files[self._file_ino(_pure(path))]
         return bytes(content[offset:offset + length])
 
     @_locked
     def size(self, path: Path) -> int:
-        return len(self._files[self._file_ino(PurePosixPath(path))])
+        return len(self._files[self._file_ino(_pure(path))])
 
     @_locked
     def exists(self, path: Path) -> bool:
-        p = PurePosixPath(path)
-        return p == ROOT or p.name in self._dirs.get(p.parent, {})
+        p = _pure(path)
+        return p == ROOT or _name(p) in self._dirs.get(_parent(p), {})
 
     @_locked
     def listdir(self, path: Path) -> list[str]:
-        p = PurePosixPath(path)
+        p = _pure(path)
         if p not in self._dirs:
             raise FileNotFoundError(errnos.ENOENT, os.strerror(errnos.ENOENT), str(p))
         return sorted(self._dirs[p])
@@ -286,28 +331,28 @@ class RecordingIO:
     def mkdir(self, path: Path) -> None:
         p = self._check("mkdir", path)
         entries = self._dir_of(p)
-        if p.name in entries:
+        if _name(p) in entries:
             raise FileExistsError(errnos.EEXIST, os.strerror(errnos.EEXIST), str(p))
-        entries[p.name] = DIR
+        entries[_name(p)] = DIR
         self._dirs[p] = {}
         self._record("mkdir", p)
 
     @_locked
     def rename(self, src: Path, dst: Path) -> None:
-        s, d = self._check("rename", src), PurePosixPath(dst)
-        if s.parent != d.parent:
+        s, d = self._check("rename", src), _pure(dst)
+        if _parent(s) != _parent(d):
             raise OSError(errnos.EXDEV, "RecordingIO renames within one directory", str(s))
         ino = self._file_ino(s)
-        entries = self._dirs[s.parent]
-        del entries[s.name]
-        entries[d.name] = ino
+        entries = self._dirs[_parent(s)]
+        del entries[_name(s)]
+        entries[_name(d)] = ino
         self._record("rename", s, ino=ino, dst=d)
 
     @_locked
     def unlink(self, path: Path) -> None:
         p = self._check("unlink", path)
         self._file_ino(p)
-        del self._dirs[p.parent][p.name]
+        del self._dirs[_parent(p)][_name(p)]
         self._record("unlink", p)
 
     @_locked
@@ -321,7 +366,7 @@ class RecordingIO:
 
     def _check(self, kind: str, path: Path | PurePosixPath) -> PurePosixPath:
         """Raise an armed fault for this operation, if any."""
-        p = PurePosixPath(path)
+        p = _pure(path)
         for fault in self._faults:
             if fault.kind == kind and str(p).endswith(fault.suffix):
                 if fault.skip:
@@ -355,32 +400,35 @@ class RecordingIO:
         if not path.is_absolute():
             raise ValueError(f"RecordingIO needs absolute paths, got {path}")
         try:
-            return self._dirs[path.parent]
+            return self._dirs[_parent(path)]
         except KeyError:
             raise FileNotFoundError(errnos.ENOENT, os.strerror(errnos.ENOENT),
                                     str(path)) from None
 
     def _file_ino(self, path: PurePosixPath) -> int:
-        ino = self._dir_of(path).get(path.name)
+        ino = self._dir_of(path).get(_name(path))
         if ino is None:
             raise FileNotFoundError(errnos.ENOENT, os.strerror(errnos.ENOENT), str(path))
         if ino == DIR:
             raise IsADirectoryError(errnos.EISDIR, os.strerror(errnos.EISDIR), str(path))
         return ino
 
-    def _enumerate(self, subset: int, sectors: tuple[int, ...],
-                   tears: int) -> Iterator[CrashState]:
+    def _enumerate(self, subset: int, sectors: tuple[int, ...], tears: int,
+                   since: int) -> Iterator[CrashState]:
         """Walk the operations once, keeping what is durable so far and what is
-        pending, and yield the crash states before each operation and after the last."""
+        pending, and yield the crash states before each operation and after the last,
+        from point ``since`` on."""
         dirs = {d: dict(e) for d, e in self._base.dirs.items()}
         files = dict(self._base.files)
         pending: list[Op] = []  # inode changes not yet covered by a successful sync
         limbo: set[int] = set()  # indices of those a failed sync covered
         pending_dir: list[Op] = []
         for point in range(len(self.ops) + 1):
-            for label, chosen, chosen_dir in _variants(pending, pending_dir, subset,
-                                                       sectors, tears):
-                yield CrashState(point, label, _build(dirs, files, chosen, chosen_dir))
+            if point >= since:
+                for label, chosen, chosen_dir in _variants(pending, pending_dir, subset,
+                                                           sectors, tears):
+                    yield CrashState(point, label,
+                                     _build(dirs, files, chosen, chosen_dir))
             if point == len(self.ops):
                 return
             op = self.ops[point]
@@ -426,25 +474,29 @@ def _apply_inode(content: bytes, ops: Iterable[Op]) -> bytes:
 def _apply_dir(dirs: dict[PurePosixPath, dict[str, int]], ops: Iterable[Op]) -> None:
     for op in ops:
         entries = dirs.setdefault(op.directory, {})
+        name = op.name
         if op.kind == "link":
-            entries[op.path.name] = op.ino
+            entries[name] = op.ino
         elif op.kind == "mkdir":
-            entries[op.path.name] = DIR
+            entries[name] = DIR
             dirs.setdefault(op.path, {})
         elif op.kind == "unlink":
-            entries.pop(op.path.name, None)
+            entries.pop(name, None)
         else:  # rename: the inode it moved when it ran, whatever the name holds now
             assert op.dst is not None
-            if entries.get(op.path.name) == op.ino:
-                del entries[op.path.name]
-            entries[op.dst.name] = op.ino
+            if entries.get(name) == op.ino:
+                del entries[name]
+            entries[_name(op.dst)] = op.ino
 
 
 def _build(dirs: dict[PurePosixPath, dict[str, int]], files: dict[int, bytes],
            chosen: list[Op], chosen_dir: list[Op]) -> Image:
     out_files = dict(files)
-    for ino in {op.ino for op in chosen}:
-        out_files[ino] = _apply_inode(files.get(ino, b""), [o for o in chosen if o.ino == ino])
+    by_ino: dict[int, list[Op]] = {}
+    for op in chosen:
+        by_ino.setdefault(op.ino, []).append(op)
+    for ino, ops in by_ino.items():
+        out_files[ino] = _apply_inode(files.get(ino, b""), ops)
     if chosen_dir:
         out_dirs = {d: dict(e) for d, e in dirs.items()}
         _apply_dir(out_dirs, chosen_dir)

@@ -54,14 +54,19 @@ def reference_cache(request: pytest.FixtureRequest,
     e2e.REFERENCE_CACHE = base / "references"
 
 
-#: The modules whose tests run longest (real processes waiting on real clocks), started
-#: first so pytest-xdist's workers fill the time after them with the short tests. Order
-#: only: every test runs either way.
-LONGEST_FIRST = ("test_ray_engine", "test_supervisor_gpus", "test_supervisor_kill9",
-                 "test_crash_campaign", "test_cli_newcomer", "test_wal_power_loss",
-                 "test_gpu_supervised", "test_supervisor_limits", "test_cli_json",
-                 "test_ops_service", "test_gpu_pid_release", "test_web_browser",
-                 "test_supervisor_faults", "test_nkat_cuda", "test_nkat_nvrtc")
+#: The modules whose tests run longest (real processes waiting on real clocks), longest
+#: first (from a run of the suite): pytest-xdist's workers start them first and fill the
+#: time after them with the short tests (``--no-loadscope-reorder`` in pyproject.toml keeps
+#: this order). Order only: every test runs either way.
+LONGEST_FIRST = ("test_ray_engine", "test_cli_newcomer", "test_supervisor_kill9",
+                 "test_supervisor_faults", "test_cli_json", "test_crash_campaign",
+                 "test_worker_protocol", "test_web_browser", "test_gpu_supervised",
+                 "test_web_server", "test_web_page", "test_supervisor_limits",
+                 "test_supervisor_gpus", "test_worker_faults", "test_nkat_cuda",
+                 "test_notify_delivery", "test_wal_power_loss", "test_ops_service",
+                 "test_preemption_watch", "test_nkat_nvrtc", "test_wal_damage",
+                 "test_protocol_codec", "test_ops_report", "test_gpu_pid_release",
+                 "test_supervisor_remote")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

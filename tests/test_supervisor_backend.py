@@ -10,6 +10,7 @@ import tomllib
 
 from nkat.supervisor import journal
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
+    IDLING,
     SupervisedRun,
     deterministic,
     env_with,
@@ -32,8 +33,7 @@ def start(run: SupervisedRun, *extra: str) -> subprocess.CompletedProcess[str]:
 
 def test_auto_is_pinned_and_a_backend_the_restart_cannot_get_is_never_swapped(tmp_path):
     expected = deterministic(reference(JOB))
-    run = SupervisedRun(tmp_path, "pin", JOB + QUICK,
-                        failpoints="stall@unit=300:seconds=20:epoch=1")
+    run = SupervisedRun(tmp_path, "pin", JOB + QUICK, failpoints=IDLING)
     run.argv = lambda command="start", _argv=run.argv: [  # type: ignore[method-assign]
         a for a in _argv(command) if a not in ("--backend", "numpy")]
     run.start()

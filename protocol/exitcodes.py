@@ -33,6 +33,10 @@ class WorkerExit(enum.IntEnum):
     BACKEND_UNAVAILABLE = 16
 
 
+#: The exits a worker announces with a ``fail`` (sent, and flushed, before it exits).
+ANNOUNCED = frozenset({WorkerExit.FATAL, WorkerExit.OOM, WorkerExit.GPU_STICKY,
+                       WorkerExit.BACKEND_UNAVAILABLE})
+
 # The members by name, as the callers on both sides spell them (exitcodes.FATAL).
 DONE = WorkerExit.DONE
 STOPPED = WorkerExit.STOPPED

@@ -136,6 +136,7 @@ class WorkerProcess:
         self.pid = self.proc.pid
         self.pgid = self.pid  # start_new_session makes the worker its group's leader
         self.returncode: int | None = None
+        self.last_words_awaited = False  # the shell waited for the fail its exit announced
         self._partial: dict[int, bytes] = {}
         self._streams: dict[int, tuple[str, IO[bytes]]] = {}
         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from nkat.protocol import exitcodes
 from nkat.protocol import messages as m
 from nkat.supervisor import control, journal
 from nkat.supervisor import controller as c
@@ -39,6 +40,8 @@ if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked f
     from nkat.supervisor.preemption_watch import PreemptionWatch
 
 POLL_MS = 100
+#: How long the ``fail`` an exit code announces may still be on its way, apart from the exit.
+LAST_WORDS_S = 0.5
 #: Connections sock/control may hold (each costs a file handle); sock/worker twice that.
 MAX_PEERS = 32
 _SIGNALS: dict[int, c.RunSignal] = {
@@ -117,6 +120,7 @@ class Shell:
         if notice is not None and self.controller.run.preempted is None:
             self._feed(c.PreemptionNoticed(notice.cloud, notice.deadline_wall, notice.detail,
                                            self.clock(), self.wall()))
+        self._await_last_words()
         now = self.clock()
         self._feed(c.Tick(now, self.wall(), {wid: self._view(wid, w)
                                             for wid, w in self.workers.items()}))
@@ -160,6 +164,15 @@ class Shell:
                 self._feed(c.MalformedMessage(ident, str(exc), self.clock()))
                 continue
             self._feed(c.WorkerMessage(ident, msg, self.clock()))
+
+    def _await_last_words(self) -> None:
+        """Read the ``fail`` a just-exited worker's code announces before its exit is seen."""
+        for wid, w in list(self.workers.items()):
+            if w.poll() in exitcodes.ANNOUNCED and not w.last_words_awaited:
+                w.last_words_awaited, deadline = True, self.clock() + LAST_WORDS_S
+                while self.clock() < deadline and not self.controller.run.workers[wid].last_fail:
+                    if self.wsock.poll(20):
+                        self._drain_worker_socket()
 
     def _drain_control(self) -> None:
         for frames in self.crouter.frames(100):
@@ -255,8 +268,7 @@ class Shell:
 
     def _load_checkpoint(self, effect: c.LoadCheckpoint) -> c.CheckpointLoaded:
         try:
-            latest = self.wal.latest_checkpoint() if effect.shard is None \
-                else self.wal.latest_checkpoint(shard=effect.shard)
+            latest = self.wal.latest_checkpoint(shard=effect.shard or 0)
         except (WalError, OSError) as exc:
             return c.CheckpointLoaded(effect.worker, effect.epoch, None, str(exc))
         resume = None if latest is None else m.Resume(
@@ -276,8 +288,7 @@ class Shell:
                                self.clock())
 
     def _send(self, wid: str, msg: m.Message) -> None:
-        worker = self.workers.get(wid)
-        if worker is None:
+        if (worker := self.workers.get(wid)) is None:
             return
         try:
             self.wsock.send_multipart([worker.token.encode(), m.encode(msg)], zmq.NOBLOCK)

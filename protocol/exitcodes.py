@@ -34,6 +34,7 @@ class WorkerExit(enum.IntEnum):
 
 
 #: The exits a worker announces with a ``fail`` (sent, and flushed, before it exits).
+#: Exit 1 is left out: an internal error sends one, but so ends any plain crash.
 ANNOUNCED = frozenset({WorkerExit.FATAL, WorkerExit.OOM, WorkerExit.GPU_STICKY,
                        WorkerExit.BACKEND_UNAVAILABLE})
 

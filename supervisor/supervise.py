@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked f
     from nkat.supervisor.preemption_watch import PreemptionWatch
 
 POLL_MS = 100
-#: How long the ``fail`` an exit code announces may still be on its way, apart from the exit.
+#: How long the ``fail`` an exit code announces is awaited (each such exit without one costs it).
 LAST_WORDS_S = 0.5
 #: Connections sock/control may hold (each costs a file handle); sock/worker twice that.
 MAX_PEERS = 32
@@ -169,9 +169,9 @@ class Shell:
         """Read the ``fail`` a just-exited worker's code announces before its exit is seen."""
         for wid, w in list(self.workers.items()):
             if w.poll() in exitcodes.ANNOUNCED and not w.last_words_awaited:
-                w.last_words_awaited, deadline = True, self.clock() + LAST_WORDS_S
-                while self.clock() < deadline and not self.controller.run.workers[wid].last_fail:
-                    if self.wsock.poll(20):
+                w.last_words_awaited = True
+                for _ in range(int(LAST_WORDS_S / 0.02)):  # polls of 20 ms, until it is read
+                    if not self.controller.run.workers[wid].last_fail and self.wsock.poll(20):
                         self._drain_worker_socket()
 
     def _drain_control(self) -> None:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="read a run's spec (JSON {job, params}) on stdin and check it "
                              "the way a worker would: exit 0, or 2 with the job's own message")
     args = parser.parse_args(argv)
-    # Each mode imports only what it runs: a spec check or a merge starts no channel.
+    # Each mode imports only what it runs: a spec check or a merge imports no ZeroMQ.
     if args.check_spec:
         from nkat.worker import standalone
         return standalone.check_spec(sys.stdin.read())

@@ -67,7 +67,7 @@ class FakeMetadataServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        # Polls for shutdown every 50 ms, not the default 0.5 s: closing it takes no longer.
+        # Polls for shutdown every 50 ms, not the default 0.5 s: closing waits 50 ms at most.
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         daemon=True)
 

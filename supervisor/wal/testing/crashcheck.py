@@ -68,22 +68,10 @@ class Workload:
     reference: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # seq -> record
     failure: WalIOError | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more Wal.open settings
-    _decoded: dict[int, tuple[int, Any]] = field(default_factory=dict, init=False, repr=False)
-    _decoded_from: object = field(default=None, init=False, repr=False)
 
     @property
     def settings(self) -> dict[str, Any]:
         return {**PROFILES[self.profile][0], **self.extra}
-
-    def written(self, seq: int) -> tuple[int, Any]:
-        """The record (type, decoded payload) ``reference`` holds under ``seq``, decoded
-        once: every crash state of a workload is checked against the same records."""
-        if self._decoded_from is not self.reference:  # reference was replaced
-            self._decoded, self._decoded_from = {}, self.reference
-        if seq not in self._decoded:
-            rtype, payload = self.reference[seq]
-            self._decoded[seq] = (rtype, unpack_payload(payload))
-        return self._decoded[seq]
 
     def writes(self) -> dict[int, tuple[int, bytes]]:
         """The records (type, payload) in this workload's recorded writes, by seq: each
@@ -210,6 +198,7 @@ def check_state(work: Workload, state: CrashState) -> list[str]:
 
 
 def _check(work: Workload, state: CrashState) -> list[str]:
+    written = work.reference
     io = RecordingIO(state.image)
     wal = Wal.open(WAL_DIR, BLOB_DIR, run=RUN, io=io, **work.settings)
     problems = []
@@ -220,8 +209,8 @@ def _check(work: Workload, state: CrashState) -> list[str]:
     for r in records:
         # Open itself writes only what a roll the crash stopped did not get to: the seal
         # of the segment before, or the run record that starts the new one.
-        if r.seq in work.reference:
-            ok = (r.type, r.payload) == work.written(r.seq)
+        if r.seq in written:
+            ok = (r.type, r.payload) == (written[r.seq][0], unpack_payload(written[r.seq][1]))
         else:
             ok = (r.type, r.payload) == (RecordType.RUN, RUN) or (
                 r.type == RecordType.SEAL and set(r.payload) == {"segment"})

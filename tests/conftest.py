@@ -54,10 +54,11 @@ def reference_cache(request: pytest.FixtureRequest,
     e2e.REFERENCE_CACHE = base / "references"
 
 
-#: The modules whose tests run longest (real processes waiting on real clocks), longest
-#: first (from a run of the suite): pytest-xdist's workers start them first and fill the
-#: time after them with the short tests (``--no-loadscope-reorder`` in pyproject.toml keeps
-#: this order). Order only: every test runs either way.
+#: The modules whose tests run longest (most wait on real processes and clocks, a few
+#: compute), longest first (from a run of the suite): pytest-xdist's workers start them
+#: first and fill the time after them with the modules not listed, in collection order
+#: (``--no-loadscope-reorder`` in pyproject.toml keeps this order). Order only: every
+#: test runs either way.
 LONGEST_FIRST = ("test_ray_engine", "test_cli_newcomer", "test_supervisor_kill9",
                  "test_supervisor_faults", "test_cli_json", "test_crash_campaign",
                  "test_worker_protocol", "test_web_browser", "test_gpu_supervised",

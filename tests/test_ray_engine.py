@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,8 +62,9 @@ def expected() -> str:
     return deterministic(reference(JOB))
 
 
-def ray_run(tmp_path: Path, cluster: object, run_id: str = "ray1") -> SupervisedRun:
-    return SupervisedRun(tmp_path, run_id, JOB + QUICK,
+def ray_run(tmp_path: Path, cluster: object, run_id: str = "ray1",
+            extra: list[str] | None = None) -> SupervisedRun:
+    return SupervisedRun(tmp_path, run_id, JOB + QUICK + (extra or []),
                          extra_args=["--engine", "ray", "--ray-address",
                                      cluster.address])  # type: ignore[attr-defined]
 
@@ -182,19 +184,43 @@ def test_sigkilled_shard_workers_restart_on_their_nodes(tmp_path, cluster, expec
     assert not run.events("node.retired")  # supervision stayed on the nodes
 
 
+def freeze_with_unfinished_checkpoints(run: SupervisedRun) -> set[int]:
+    """SIGSTOP the nodes' workers at a moment the WAL holds a checkpoint of a shard that is
+    not done, and return those shards. A frozen worker sends nothing more, so its shard is
+    still unfinished when the driver dies (running on, a shard of 48 crawling units could
+    finish in the seconds Ray takes to end a dead driver's actors, and leave nothing to
+    resume). Frozen workers still die with their node agents (PR_SET_PDEATHSIG)."""
+    def frozen_with_some() -> set[int]:
+        if not unfinished_checkpoints(run):
+            return set()
+        workers = node_workers()
+        for proc in workers:
+            proc.suspend()
+        time.sleep(0.3)  # what the workers had already sent reaches the WAL
+        left = unfinished_checkpoints(run)
+        if not left:
+            for proc in workers:
+                proc.resume()
+        return left
+
+    return wait_for(frozen_with_some, 120,
+                    "a durable checkpoint of an unfinished shard, with the workers frozen", 0.05)
+
+
 def test_a_killed_driver_resumes_from_its_wal_with_start(tmp_path, cluster, expected):
-    run = ray_run(tmp_path, cluster)
+    # A frozen worker beats no more: its node must not restart it before the agents end.
+    run = ray_run(tmp_path, cluster, extra=["heartbeat_timeout=120"])
     run.start()
     wait_running_everywhere(run)
-    wait_for(lambda: unfinished_checkpoints(run), 120,
-             "a durable checkpoint of an unfinished shard before the driver is killed", 0.05)
+    unfinished = freeze_with_unfinished_checkpoints(run)
     run.kill_supervisor()
     wait_for(lambda: not node_workers(), 30, "the dead driver's workers to end with it", 0.1)
+    assert unfinished_checkpoints(run) >= unfinished
     again = ray_run(tmp_path, cluster)
     again.start()
     finish(again, expected)
-    resumed = [e for e in again.events("shard.assigned") if e.get("resume_units")]
-    assert resumed, "the second driver computed every shard again"
+    resumed = {e["shard"] for e in again.events("shard.assigned") if e.get("resume_units")}
+    assert resumed >= unfinished, "the second driver computed a checkpointed shard again"
 
 
 def test_a_cluster_without_the_agents_resource_is_refused_and_leaves_no_run(

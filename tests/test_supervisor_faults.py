@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from nkat.protocol import messages as m
+from nkat.supervisor import journal
 from nkat.supervisor.wal import RecordType
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     IDLING,
@@ -67,12 +68,20 @@ def test_sigterm_checkpoints_records_stop_and_exits_4(tmp_path, expected):
     assert run.proc.poll() is None
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait() == 4
-    last = [r for r in run.records() if r.type is not RecordType.RUN][-1]
+    records = [r for r in run.records() if r.type is not RecordType.RUN]
+    last = records[-1]
     # SIGTERM is also how a machine shuts down: the run wants to run again at boot.
     assert last.type is RecordType.STOP and last.payload["desired"] == "running"
+    # The worker's final checkpoint was acknowledged, and the stop names it.
+    (stopped,) = run.events("worker.stopped")
+    assert stopped["final_ckpt_acked"] is True
+    final = [e for e in map(journal.read, records) if isinstance(e, journal.CheckpointMeta)][-1]
+    assert last.payload["ckpt_seq"] == final.ckpt_seq > 0
+    assert final.units_done == stopped["units_done"]
     resumed = SupervisedRun(tmp_path, "term", JOB + QUICK)
     resumed.start()
     _finish(resumed, expected)
+    assert resumed.resumed_seqs()[-1] == final.ckpt_seq
 
 
 def test_detach_returns_the_run_id_and_sockets_are_private(tmp_path, expected):

@@ -33,11 +33,6 @@ class WorkerExit(enum.IntEnum):
     BACKEND_UNAVAILABLE = 16
 
 
-#: The exits a worker announces with a ``fail`` (sent, and flushed, before it exits).
-#: Exit 1 is left out: an internal error sends one, but so ends any plain crash.
-ANNOUNCED = frozenset({WorkerExit.FATAL, WorkerExit.OOM, WorkerExit.GPU_STICKY,
-                       WorkerExit.BACKEND_UNAVAILABLE})
-
 # The members by name, as the callers on both sides spell them (exitcodes.FATAL).
 DONE = WorkerExit.DONE
 STOPPED = WorkerExit.STOPPED

@@ -136,7 +136,8 @@ class WorkerProcess:
         self.pid = self.proc.pid
         self.pgid = self.pid  # start_new_session makes the worker its group's leader
         self.returncode: int | None = None
-        self.last_words_awaited = False  # the shell waited for the fail its exit announced
+        self.last_words_awaited = False  # the shell read all it sent before its exit
+        self.connection_fd: int | None = None  # the supervisor's end of its connection
         self._partial: dict[int, bytes] = {}
         self._streams: dict[int, tuple[str, IO[bytes]]] = {}
         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):

@@ -22,17 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from nkat.protocol import exitcodes
 from nkat.protocol import messages as m
-from nkat.supervisor import control, journal
+from nkat.supervisor import control, journal, wal_effects
 from nkat.supervisor import controller as c
 from nkat.supervisor.bounded_router import BoundedRouter
 from nkat.supervisor.health import GpuProbe
-from nkat.supervisor.oslimits import io_advice
 from nkat.supervisor.outlets import Outlets
 from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.spawn import WorkerProcess, merge_shards
-from nkat.supervisor.wal import WalError
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked for
     from nkat.supervisor.notifier import Notifier
@@ -40,7 +37,7 @@ if TYPE_CHECKING:  # prometheus-client is imported only when metrics are asked f
     from nkat.supervisor.preemption_watch import PreemptionWatch
 
 POLL_MS = 100
-#: How long the ``fail`` an exit code announces is awaited (each such exit without one costs it).
+#: How long an exited worker's connection may take to end (a lingering child holding it).
 LAST_WORDS_S = 0.5
 #: Connections sock/control may hold (each costs a file handle); sock/worker twice that.
 MAX_PEERS = 32
@@ -106,9 +103,8 @@ class Shell:
         if self.csock in ready:
             self._drain_control()
         for router in (self.wrouter, self.crouter):
-            flood = router.on_monitor() if router.monitor in ready else None
-            if flood:
-                self.log.warning("socket.flooded", **flood)
+            if router.monitor in ready:
+                self._watch(router)
         for fd, (wid, stream) in fds.items():
             worker = self.workers.get(wid)
             if worker is not None and fd in ready:
@@ -154,8 +150,11 @@ class Shell:
 
     # Turning what arrived into inputs ------------------------------------------------------
     def _drain_worker_socket(self) -> None:
-        for frames in self.wrouter.frames(1000):
+        tokens = {w.token.encode(): w for w in self.workers.values()}
+        for frames, fd in self.wrouter.frames_with_fd(1000):
             ident = frames[0] if frames else b""
+            if ident in tokens:
+                tokens[ident].connection_fd = fd
             try:
                 if len(frames) != 2:
                     raise m.ProtocolError("expected [routing id, payload]")
@@ -166,13 +165,23 @@ class Shell:
             self._feed(c.WorkerMessage(ident, msg, self.clock()))
 
     def _await_last_words(self) -> None:
-        """Read the ``fail`` a just-exited worker's code announces before its exit is seen."""
-        for wid, w in list(self.workers.items()):
-            if w.poll() in exitcodes.ANNOUNCED and not w.last_words_awaited:
-                w.last_words_awaited = True
-                for _ in range(int(LAST_WORDS_S / 0.02)):  # polls of 20 ms, until it is read
-                    if not self.controller.run.workers[wid].last_fail and self.wsock.poll(20):
-                        self._drain_worker_socket()
+        """Read all a just-exited worker sent (its ``fail``, its last log lines) before its
+        exit is reported: ZeroMQ may hand them over after the exit is seen, never after the
+        end of their connection is."""
+        for w in self.workers.values():
+            if w.poll() is None or w.last_words_awaited:
+                continue
+            w.last_words_awaited = True
+            for _ in range(int(LAST_WORDS_S / 0.02)):  # waits of 20 ms at most
+                self._watch(self.wrouter)
+                self._drain_worker_socket()
+                if w.connection_fd not in self.wrouter.open_fds:
+                    break
+                zmq.select([self.wsock, self.wrouter.monitor], [], [], 0.02)
+
+    def _watch(self, router: BoundedRouter) -> None:
+        if flood := router.on_monitor():  # connections come and go; or a flood
+            self.log.warning("socket.flooded", **flood)
 
     def _drain_control(self) -> None:
         for frames in self.crouter.frames(100):
@@ -207,7 +216,7 @@ class Shell:
         if isinstance(effect, c.Log):
             getattr(self.log, effect.level)(effect.event, **effect.fields)
         elif isinstance(effect, c.Append | c.AppendCheckpoint):
-            return self._append(effect)
+            return wal_effects.append(self.wal, effect, self.wall())
         elif isinstance(effect, c.Send):
             self._send(effect.worker, effect.msg)
         elif isinstance(effect, c.SignalWorker):
@@ -220,7 +229,7 @@ class Shell:
         elif isinstance(effect, c.Spawn):
             return self._spawn(effect)
         elif isinstance(effect, c.LoadCheckpoint):
-            return self._load_checkpoint(effect)
+            return wal_effects.load_checkpoint(self.wal, effect)
         elif isinstance(effect, c.ReleaseWorker) and effect.worker in self.workers:
             worker = self.workers.pop(effect.worker)
             for stream, line in worker.drain():  # the tail of a stack dump explains a hang
@@ -251,29 +260,6 @@ class Shell:
         elif isinstance(effect, c.Finish):
             self.finish = self.finish or effect
         return None
-
-    def _append(self, effect: c.Append | c.AppendCheckpoint) -> c.Appended:
-        started = time.perf_counter()
-        t_wall = self.wall()
-        try:
-            if isinstance(effect, c.AppendCheckpoint):
-                self.wal.append_checkpoint(journal.payload_of(effect.meta, t_wall),
-                                           effect.state)
-            else:
-                journal.write(self.wal, effect.record, lambda: t_wall)
-        except (WalError, OSError) as exc:
-            return c.Appended(effect.then, False, t_wall, error=str(exc),
-                              advice=io_advice(exc))
-        return c.Appended(effect.then, True, t_wall, time.perf_counter() - started)
-
-    def _load_checkpoint(self, effect: c.LoadCheckpoint) -> c.CheckpointLoaded:
-        try:
-            latest = self.wal.latest_checkpoint(shard=effect.shard or 0)
-        except (WalError, OSError) as exc:
-            return c.CheckpointLoaded(effect.worker, effect.epoch, None, str(exc))
-        resume = None if latest is None else m.Resume(
-            ckpt_seq=latest.ckpt_seq, units_done=latest.units_done, state=latest.state)
-        return c.CheckpointLoaded(effect.worker, effect.epoch, resume)
 
     def _spawn(self, effect: c.Spawn) -> c.Input:
         try:

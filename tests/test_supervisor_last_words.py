@@ -9,6 +9,7 @@ send 0.2 s late, so the exit always comes first; the reason must still quote the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -109,8 +110,10 @@ class SlowLink:
                     held.clear()
                     break
                 link.last_delivered_at = time.monotonic()
-        upstream.close()
-        client.close()
+        for sock in (upstream, client):  # shutdown wakes the other thread's recv
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     @staticmethod
     def _straight(upstream: socket.socket, client: socket.socket) -> None:

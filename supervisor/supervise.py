@@ -168,7 +168,7 @@ class Shell:
         """Read all a just-exited worker sent (its ``fail``, its last log lines) before its
         exit is reported: ZeroMQ may hand them over after the exit is seen, never after the
         end of their connection is."""
-        for w in self.workers.values():
+        for w in list(self.workers.values()):  # what it reads may release or spawn one
             if w.poll() is None or w.last_words_awaited:
                 continue
             w.last_words_awaited = True

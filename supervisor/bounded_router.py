@@ -53,13 +53,7 @@ class BoundedRouter:
 
     def frames(self, limit: int) -> list[list[bytes]]:
         """What arrived, without waiting: up to ``limit`` multipart messages."""
-        out = []
-        for _ in range(limit):
-            try:
-                out.append(self.sock.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        return out
+        return [frames for frames, _ in self.frames_with_fd(limit)]
 
     def frames_with_fd(self, limit: int) -> list[tuple[list[bytes], int]]:
         """Like ``frames``, each message with the fd of the connection it came on."""

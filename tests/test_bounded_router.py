@@ -4,13 +4,13 @@ before its end can still be read after it (what the shell's last-words wait reli
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 import zmq
 
 from nkat.supervisor.bounded_router import BoundedRouter
+from tests.e2e import wait_for
 
 
 @pytest.fixture
@@ -18,14 +18,6 @@ def ctx() -> Iterator[zmq.Context]:  # type: ignore[type-arg]
     context = zmq.Context()
     yield context
     context.destroy(linger=0)
-
-
-def _until(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-    return value
 
 
 def _dealer(ctx: zmq.Context, endpoint: str, ident: bytes) -> zmq.Socket:  # type: ignore[type-arg]
@@ -43,7 +35,8 @@ def test_a_peers_messages_outlive_its_connection_and_name_it(ctx, tmp_path):
     first.send(b"hello")
     second.send(b"hello")
     got: list[tuple[list[bytes], int]] = []
-    _until(lambda: got.extend(router.frames_with_fd(10)) or len(got) == 2)
+    wait_for(lambda: got.extend(router.frames_with_fd(10)) or len(got) == 2, 10,
+             "both hellos", 0.005)
     fds = {frames[0]: fd for frames, fd in got}
     assert set(fds) == {b"one", b"two"} and fds[b"one"] != fds[b"two"]
     router.on_monitor()
@@ -53,7 +46,8 @@ def test_a_peers_messages_outlive_its_connection_and_name_it(ctx, tmp_path):
     for n in range(200):
         first.send(b"%d" % n)
     first.close()
-    _until(lambda: router.on_monitor() is None and fds[b"one"] not in router.open_fds)
+    wait_for(lambda: router.on_monitor() is None and fds[b"one"] not in router.open_fds,
+             10, "the first connection's end", 0.005)
     assert fds[b"two"] in router.open_fds
     burst = router.frames_with_fd(1000)
     assert [frames[1] for frames, _ in burst] == [b"%d" % n for n in range(200)]
@@ -65,9 +59,10 @@ def test_the_bound_counts_open_connections_and_refuse_drops_them(ctx, tmp_path):
     endpoint = f"ipc://{tmp_path}/c"
     router = BoundedRouter(ctx, endpoint, max_peers=3, max_bytes=1 << 20, refuse=True)
     peers = [_dealer(ctx, endpoint, b"p%d" % i) for i in range(2)]
-    _until(lambda: router.on_monitor() is None and len(router.open_fds) == 2)
+    wait_for(lambda: router.on_monitor() is None and len(router.open_fds) == 2, 10,
+             "two connections", 0.005)
     peers.append(_dealer(ctx, endpoint, b"p2"))
-    flood = _until(router.on_monitor)
+    flood = wait_for(router.on_monitor, 10, "the flood", 0.005)
     assert flood["connections"] == 3 and flood["action"] == "dropped them all"
     assert router.open_fds == set()
     for peer in peers:

@@ -6,11 +6,13 @@ names the extra."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,12 +93,16 @@ def busy_nodes(run: SupervisedRun) -> set[str]:
 
 
 def unfinished_checkpoints(run: SupervisedRun) -> set[int]:
-    """The shards with a durable checkpoint in the WAL that are not done yet."""
-    entries = [journal.read(r) for r in run.records()]
-    done = {e.fields["shard"] for e in entries if isinstance(e, journal.Event)
-            and e.kind is journal.EventKind.SHARD_DONE}
-    return {e.shard for e in entries if isinstance(e, journal.CheckpointMeta)
-            and e.shard not in done and e.units_done > 0}
+    """The shards whose newest durable checkpoint in the WAL is partway through them: each
+    must resume from it. (A shard whose newest checkpoint holds all its units is done even
+    if its node died before it wrote ``shard_done``: the journal completes it at open.)"""
+    sizes = [stop - first for first, stop in
+             tomllib.loads((run.path / "run.toml").read_text()).get("shards", ())]
+    newest: dict[int, int] = {}
+    for entry in map(journal.read, run.records()):
+        if isinstance(entry, journal.CheckpointMeta) and entry.shard is not None:
+            newest[entry.shard] = entry.units_done
+    return {shard for shard, units in newest.items() if 0 < units < sizes[shard]}
 
 
 def wait_running_everywhere(run: SupervisedRun) -> None:
@@ -153,7 +159,21 @@ def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, clus
                              if r.get("shard") is not None and r.get("node")],
                     30, "the nodes' rows in the status")
     victim = min(rows, key=lambda r: r.get("progress") or 0.0)["node"]
-    cluster.remove(cluster.node_with(victim))  # type: ignore[attr-defined]
+    # Its worker is frozen first: a shard of a few seconds could otherwise finish in the
+    # moment Ray takes to lose the node, and leave nothing to move.
+    node = cluster.node_with(victim)  # type: ignore[attr-defined]
+
+    def frozen_worker() -> bool:
+        workers = node_workers()
+        mine = [p for p in cluster.processes_of(node)  # type: ignore[attr-defined]
+                if p in workers]
+        for proc in mine:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.suspend()
+        return bool(mine)
+
+    wait_for(frozen_worker, 30, "the victim node's worker, frozen", 0.02)
+    cluster.remove(node)  # type: ignore[attr-defined]
     try:
         finish(run, expected)
     finally:
@@ -220,9 +240,7 @@ def test_a_killed_driver_resumes_from_its_wal_with_start(tmp_path, cluster, expe
     again.start()
     finish(again, expected)
     resumed = {e["shard"] for e in again.events("shard.assigned") if e.get("resume_units")}
-    # At least one (not every one: once, on a loaded machine, one of two such shards was
-    # assigned without resume_units, which is not yet explained).
-    assert resumed & unfinished, f"no shard of {unfinished} resumed: {resumed}"
+    assert resumed >= unfinished, f"shards {unfinished - resumed} did not resume: {resumed}"
 
 
 def test_a_cluster_without_the_agents_resource_is_refused_and_leaves_no_run(

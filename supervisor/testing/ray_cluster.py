@@ -74,6 +74,17 @@ class LocalRayCluster:
         """The node whose id starts with ``node_id_prefix`` (logs show 8 characters)."""
         return next(n for n in self.nodes if n.node_id.startswith(node_id_prefix))
 
+    def processes_of(self, node: Any) -> list[psutil.Process]:
+        """``node``'s processes (its raylet and all it started: actors, their workers)."""
+        found = []
+        for _, popen in node.live_processes():
+            try:
+                top = psutil.Process(popen.pid)
+                found += [top, *top.children(recursive=True)]
+            except psutil.Error:
+                continue
+        return found
+
     def remove(self, node: Any, graceful: bool = False) -> None:
         """Lose ``node``: its raylet is killed (SIGKILL unless ``graceful``)."""
         self.cluster.remove_node(node, allow_graceful=graceful)

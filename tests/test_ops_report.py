@@ -5,6 +5,7 @@ and a clear error when the optional matplotlib is missing."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from datetime import UTC, datetime, timedelta
@@ -18,12 +19,17 @@ from tests.test_ops_support import nkat_run, run_ops
 
 __all__ = ["nkat_run"]  # a fixture, imported so pytest finds it here
 
-matplotlib_image = pytest.importorskip("matplotlib.image")
+# matplotlib is imported by the tests that draw, not at collection, which every xdist
+# worker pays for.
+if importlib.util.find_spec("matplotlib") is None:
+    pytest.skip("matplotlib is not installed (the report extra)", allow_module_level=True)
 
 
 def assert_png(path: Path) -> None:
+    import matplotlib.image
+
     assert path.stat().st_size > 1000
-    pixels = matplotlib_image.imread(path)
+    pixels = matplotlib.image.imread(path)
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
     assert pixels.std() > 0  # not a blank canvas
 

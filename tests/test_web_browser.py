@@ -8,21 +8,24 @@ Playwright's own browser download is never used)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.e2e import IDLING, SupervisedRun, reap_processes  # noqa: F401 - autouse fixture
 
-try:
-    from playwright.sync_api import Page, sync_playwright
-except ImportError:
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+# Playwright is imported by the fixture, not at collection, which every xdist worker pays for.
+if importlib.util.find_spec("playwright") is None:
     pytest.skip("playwright is not installed (pip install playwright; no browser download "
                 "is needed: the test drives the system chromium)", allow_module_level=True)
 
@@ -43,6 +46,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 @pytest.fixture
 def phone(tmp_path: Path) -> Iterator[tuple[Page, list[str]]]:
     """A phone-sized page in headless chromium, and the errors it reports."""
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,

@@ -146,6 +146,40 @@ def assert_fenced(run: SupervisedRun) -> None:
     assert attempts >= 12 and len(seqs) == 12
 
 
+def freeze_with_unfinished_checkpoints(run: SupervisedRun
+                                       ) -> tuple[set[int], list[psutil.Process]]:
+    """SIGSTOP the nodes' workers at a moment the WAL holds a checkpoint of a shard that is
+    not done: those shards, and the frozen workers. A frozen worker sends nothing more, so
+    its shard is still unfinished when its node or the driver dies (running on, a shard of
+    48 crawling units could finish in the seconds Ray takes to end the actors, and leave
+    nothing to move or resume). Frozen workers still die with their node agents
+    (PR_SET_PDEATHSIG)."""
+    def frozen_with_some() -> tuple[set[int], list[psutil.Process]] | None:
+        if not unfinished_checkpoints(run):
+            return None
+        workers = node_workers()
+        for proc in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.suspend()
+        time.sleep(0.3)  # what the workers had already sent reaches the WAL
+        left = unfinished_checkpoints(run)
+        if not left:
+            for proc in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.resume()
+            return None
+        return left, workers
+
+    return wait_for(frozen_with_some, 120,
+                    "a durable checkpoint of an unfinished shard, with the workers frozen", 0.05)
+
+
+def assigned_nodes(run: SupervisedRun) -> dict[int, str]:
+    """Each shard's node (8 characters) in its newest assignment, from the WAL."""
+    return {e.fields["shard"]: e.fields["node"] for e in map(journal.read, run.records())
+            if isinstance(e, journal.Event) and e.kind is journal.EventKind.ASSIGNED}
+
+
 def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, cluster, expected):
     run = ray_run(tmp_path, cluster)
     run.start()
@@ -153,34 +187,26 @@ def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, clus
     status = run.status()
     assert status["engine"] == "ray" and status["nodes"] == 3
     assert status["shards"]["total"] == 12  # 4 per node agent the cluster had at the start
-    # The node furthest from finishing its shard, so that the shard is still running when
-    # the node goes (one that finished just then would have nothing to move).
-    rows = wait_for(lambda: [r for r in run.status().get("gpus") or ()
-                             if r.get("shard") is not None and r.get("node")],
-                    30, "the nodes' rows in the status")
-    victim = min(rows, key=lambda r: r.get("progress") or 0.0)["node"]
-    # Its worker is frozen first: a shard of a few seconds could otherwise finish in the
-    # moment Ray takes to lose the node, and leave nothing to move.
+    # A node whose shard is partway, with its worker frozen so that the shard cannot finish
+    # in the moment Ray takes to lose the node (then there would be nothing to move); the
+    # other nodes' workers go on.
+    partway, frozen = freeze_with_unfinished_checkpoints(run)
+    owners = assigned_nodes(run)
+    moved = min(partway)
+    victim = owners[moved]
     node = cluster.node_with(victim)  # type: ignore[attr-defined]
-
-    def frozen_worker() -> bool:
-        workers = node_workers()
-        mine = [p for p in cluster.processes_of(node)  # type: ignore[attr-defined]
-                if p in workers]
-        for proc in mine:
+    theirs = {p.pid for p in cluster.processes_of(node)}  # type: ignore[attr-defined]
+    for proc in frozen:
+        if proc.pid not in theirs:
             with contextlib.suppress(psutil.NoSuchProcess):
-                proc.suspend()
-        return bool(mine)
-
-    wait_for(frozen_worker, 30, "the victim node's worker, frozen", 0.02)
+                proc.resume()
     cluster.remove(node)  # type: ignore[attr-defined]
     try:
         finish(run, expected)
     finally:
         cluster.add_node()  # type: ignore[attr-defined]  # the next test has three again
     retired = [e for e in run.events("node.retired") if e["node"] == victim]
-    assert retired, "the lost node's shard was never moved"
-    moved = retired[0]["shard"]
+    assert [e["shard"] for e in retired] == [moved], retired
     later = [e for e in run.events("shard.assigned") if e["shard"] == moved]
     assert later[-1]["node"] != victim and later[-1]["attempt"] >= 2
     kinds = [journal.read(r) for r in run.records() if r.type is RecordType.EVENT]
@@ -204,35 +230,12 @@ def test_sigkilled_shard_workers_restart_on_their_nodes(tmp_path, cluster, expec
     assert not run.events("node.retired")  # supervision stayed on the nodes
 
 
-def freeze_with_unfinished_checkpoints(run: SupervisedRun) -> set[int]:
-    """SIGSTOP the nodes' workers at a moment the WAL holds a checkpoint of a shard that is
-    not done, and return those shards. A frozen worker sends nothing more, so its shard is
-    still unfinished when the driver dies (running on, a shard of 48 crawling units could
-    finish in the seconds Ray takes to end a dead driver's actors, and leave nothing to
-    resume). Frozen workers still die with their node agents (PR_SET_PDEATHSIG)."""
-    def frozen_with_some() -> set[int]:
-        if not unfinished_checkpoints(run):
-            return set()
-        workers = node_workers()
-        for proc in workers:
-            proc.suspend()
-        time.sleep(0.3)  # what the workers had already sent reaches the WAL
-        left = unfinished_checkpoints(run)
-        if not left:
-            for proc in workers:
-                proc.resume()
-        return left
-
-    return wait_for(frozen_with_some, 120,
-                    "a durable checkpoint of an unfinished shard, with the workers frozen", 0.05)
-
-
 def test_a_killed_driver_resumes_from_its_wal_with_start(tmp_path, cluster, expected):
     # A frozen worker beats no more: its node must not restart it before the agents end.
     run = ray_run(tmp_path, cluster, extra=["heartbeat_timeout=120"])
     run.start()
     wait_running_everywhere(run)
-    unfinished = freeze_with_unfinished_checkpoints(run)
+    unfinished, _ = freeze_with_unfinished_checkpoints(run)
     run.kill_supervisor()
     wait_for(lambda: not node_workers(), 30, "the dead driver's workers to end with it", 0.1)
     assert unfinished_checkpoints(run) >= unfinished

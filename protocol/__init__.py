@@ -1,7 +1,9 @@
 """nkat.protocol: the shared language of supervisor and worker.
 
 The wire between the supervisor and its workers, and nothing else: the messages
-(``nkat.protocol.messages``) and the worker's exit codes (``nkat.protocol.exitcodes``).
+(``nkat.protocol.messages``), the worker's exit codes (``nkat.protocol.exitcodes``),
+the settings both sides read (``nkat.protocol.settings``) and ZeroMQ's socket-monitor
+frames (``nkat.protocol.monitor_events``).
 No process logic; depends only on msgpack; never imports zmq, processes or cupy. The
 write-ahead log is the supervisor's own storage and lives in ``nkat.supervisor.wal``.
 """

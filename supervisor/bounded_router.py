@@ -29,7 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
+
+from nkat.protocol.monitor_events import decode_monitor_event
 
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 
@@ -72,11 +73,11 @@ class BoundedRouter:
         bound is passed, then at every power of two of the times (a flood is said, not
         logged line by line)."""
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                self.open_fds.add(int(event["value"]))
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self.open_fds.discard(int(event["value"]))
+            event = decode_monitor_event(self.monitor.recv_multipart())
+            if event.event == zmq.EVENT_ACCEPTED:
+                self.open_fds.add(event.value)
+            elif event.event == zmq.EVENT_DISCONNECTED:
+                self.open_fds.discard(event.value)
         if len(self.open_fds) < self.max_peers:
             return None
         self.floods += 1

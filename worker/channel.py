@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from nkat.protocol import exitcodes
 from nkat.protocol.messages import (
@@ -50,6 +49,7 @@ from nkat.protocol.messages import (
     encode,
     state_digest,
 )
+from nkat.protocol.monitor_events import decode_monitor_event
 from nkat.worker import guards, state
 from nkat.worker.heartbeat import Heartbeat
 from nkat.worker.settings import Settings
@@ -277,10 +277,10 @@ class Channel:
     def _on_monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes]) -> None:
         while True:
             try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+                event = decode_monitor_event(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            if event["event"] != zmq.EVENT_CONNECTED:
+            if event.event != zmq.EVENT_CONNECTED:
                 continue
             self._connects += 1
             if self._connects > 1 and self._pending:

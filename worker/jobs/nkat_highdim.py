@@ -96,13 +96,12 @@ import concurrent.futures
 import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from nkat.protocol.settings import NkatParams, SettingError, build
 from nkat.worker.job import Job, JobParamsError, Pending, Ready, RunContext
-from nkat.worker.jobs import nkat_kernels as nk
 from nkat.worker.jobs.fixedpoint import as_fraction, sqrt_fraction
 from nkat.worker.jobs.nkat_sums import (
     NQ,
@@ -121,11 +120,17 @@ from nkat.worker.jobs.nkat_sums import (
 )
 from nkat.worker.unitset import UnitSet
 
+# The NumPy kernels (and NumPy) are imported where a batch or the result needs them: a spec
+# check (``--check-spec``) builds the job without computing, and NumPy's import would be
+# most of its cost.
+if TYPE_CHECKING:
+    from nkat.worker.jobs.nkat_kernels import NumpyKernel
+
 PRECISION_MODES = {"speed": "float32", "balanced": "float64", "precision": "float64"}
 MPMATH_BITS = 256
 _SNAPSHOT_VERSION = 2
 
-#: (unit, first N, length) of a row: part of one unit, within one half, ≤ nk.CHUNK long.
+#: (unit, first N, length) of a row: part of one unit, within one half, ≤ CHUNK long.
 Piece = tuple[int, int, int]
 
 
@@ -230,7 +235,7 @@ class NkatHighDim(Job):
                              self.curve_points, self.mpmath_samples]
         self._threads = 1
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._kernels: list[nk.NumpyKernel] = []
+        self._kernels: list[NumpyKernel] = []
         self._cuda: Any = None
         self.done = UnitSet()
         self.part = Partial.empty()
@@ -259,10 +264,12 @@ class NkatHighDim(Job):
     def _pieces(self, first: int, count: int) -> list[Piece]:
         """(unit, first N, length) of each row: units cut at CHUNK from their start and at
         the half, so no row is longer than a chunk or straddles the two halves."""
+        from nkat.worker.jobs.nkat_kernels import CHUNK
+
         out: list[Piece] = []
         for unit in range(first, first + count):
             a, b = self.unit_range(unit)
-            cuts = list(range(a, b + 1, nk.CHUNK))
+            cuts = list(range(a, b + 1, CHUNK))
             if a < self.half_n <= b and self.half_n not in cuts:
                 cuts.append(self.half_n)
                 cuts.sort()
@@ -273,12 +280,14 @@ class NkatHighDim(Job):
     def _chunks(self, first: int, count: int) -> list[list[Piece]]:
         """The batch's rows grouped into kernel calls: consecutive rows of one length
         (consecutive N) filling at most CHUNK elements."""
+        from nkat.worker.jobs.nkat_kernels import CHUNK
+
         pieces = self._pieces(first, count)
         chunks: list[list[Piece]] = []
         i = 0
         while i < len(pieces):
             cols = pieces[i][2]
-            j, limit = i + 1, i + max(nk.CHUNK // cols, 1)
+            j, limit = i + 1, i + max(CHUNK // cols, 1)
             while j < len(pieces) and j < limit and pieces[j][2] == cols:
                 j += 1
             chunks.append(pieces[i:j])
@@ -305,10 +314,12 @@ class NkatHighDim(Job):
         return self._compute_cuda(xp, first, count)
 
     def _compute_cpu(self, first: int, count: int) -> Partial:
+        from nkat.worker.jobs.nkat_kernels import NumpyKernel
+
         chunks = self._chunks(first, count)
         groups = _split_even(chunks, self._threads)
         while len(self._kernels) < len(groups):
-            self._kernels.append(nk.NumpyKernel(self.dtype, self.precision))
+            self._kernels.append(NumpyKernel(self.dtype, self.precision))
         if len(groups) == 1:
             return self._cpu_group(0, groups[0])
         if self._pool is None:
@@ -388,6 +399,8 @@ class NkatHighDim(Job):
     # -- result -----------------------------------------------------------------------
 
     def finalize(self, context: RunContext) -> dict[str, Any]:
+        from nkat.worker.jobs.nkat_kernels import NC
+
         if not self.done.covers(0, self.units_total()):
             raise ValueError(f"finalize with units {self.done.to_list()} merged, "
                              f"not [0, {self.units_total()})")
@@ -442,9 +455,9 @@ class NkatHighDim(Job):
                 "convergence_pattern": {
                     "peak_dimension": peak_n,
                     "peak_value": _finite(best[0]) if best else None,
-                    "theoretical_peak": nk.NC,
+                    "theoretical_peak": NC,
                     "peak_accuracy": (None if peak_n is None
-                                      else _finite(1.0 - abs(peak_n - nk.NC) / nk.NC)),
+                                      else _finite(1.0 - abs(peak_n - NC) / NC)),
                 },
                 "scaling_behavior": {
                     "high_dimension_stability": _finite(_stability(std_hi)),

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Each mode imports only what it runs: a spec check or a merge imports no ZeroMQ.
     if args.check_spec:
-        from nkat.worker import standalone
-        return standalone.check_spec(sys.stdin.read())
+        from nkat.worker import spec_check
+        return spec_check.check_spec(sys.stdin.read())
     if args.merge_shards:
         if args.standalone or args.job or args.sets or args.backend or args.out:
             parser.error("--merge-shards takes no other option: the spec comes with the "

@@ -32,8 +32,8 @@ from nkat.worker.heartbeat import Board
 from nkat.worker.job import JobNotFound, JobParamsError, resolve_job
 from nkat.worker.runtime import RunFailed, Runner
 from nkat.worker.settings import SettingsError, parse_settings
+from nkat.worker.spec_check import USAGE_ERROR
 
-USAGE_ERROR = 2
 #: ``--set`` keys that tune the runtime (the declared worker settings, and a shard's
 #: range); every other key is a job param.
 RUNTIME_KEYS = frozenset({k.name for k in keys_of(WorkerSettings)} | {"unit_range"})
@@ -78,33 +78,6 @@ def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             raise UsageError(str(exc)) from None
         (settings if key in RUNTIME_KEYS else params)[key] = parse_text(text)
     return settings, params
-
-
-def check_spec(text: str) -> int:
-    """Check a run's spec ({job, params} as JSON) as a worker would, before any run exists:
-    the job must import and accept its params. 0 with {units_total, shardable} as JSON on
-    stdout, or 2 with the job's message on stderr."""
-    try:
-        spec = json.loads(text)
-        if not isinstance(spec, dict) or not isinstance(spec.get("job"), str) \
-                or not isinstance(spec.get("params", {}), dict):
-            raise ValueError("expected {\"job\": name, \"params\": {...}}")
-        job_class = resolve_job(spec["job"])
-    except (JobNotFound, ValueError) as exc:
-        print(str(exc), file=sys.stderr)
-        return USAGE_ERROR
-    try:
-        job = job_class(spec.get("params", {}))
-        facts = {"units_total": int(job.units_total()), "shardable": bool(job.shardable)}
-    except JobParamsError as exc:
-        print(str(exc), file=sys.stderr)
-        return USAGE_ERROR
-    except Exception as exc:  # noqa: BLE001 - a custom job's own error, said as it is
-        print(f"job {spec['job']!r} refused its params: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return USAGE_ERROR
-    print(json.dumps(facts))  # what the supervisor plans shards with
-    return 0
 
 
 def run(job_name: str, sets: Sequence[str], backend_name: str, out: Path | None) -> int:

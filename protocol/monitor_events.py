@@ -4,9 +4,9 @@ Both sides watch their sockets through libzmq's monitor (``zmq_socket_monitor``)
 supervisor counts the connections its listeners hold, the worker resends what is unacked
 after a reconnect. pyzmq decodes these frames in ``zmq.utils.monitor``, but that module
 imports ``zmq.asyncio``, and with it asyncio and ssl: about 50 ms of CPU at the start of
-every supervisor and worker process, which use neither. The layout is libzmq's and small:
-a 6-byte frame of the event (native uint16) and its value (native int32: a file
-descriptor, an errno, an interval), then a frame with the endpoint.
+every worker, which uses neither (the supervisor's log library imports asyncio anyway).
+The layout is libzmq's and small: a 6-byte frame of the event (native uint16) and its
+value (native int32: a file descriptor, an errno, an interval), then the endpoint.
 ``tests/test_protocol_monitor_events.py`` checks this decoder against pyzmq's own on real
 monitor sockets. Pure bytes; no zmq import. Its place: docs/architecture.md.
 """

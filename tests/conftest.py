@@ -13,8 +13,8 @@ from tests import e2e
 # The suite runs four pytest-xdist workers, and the processes they start, on as few as two
 # cores. Nothing under test calls BLAS (the NKAT kernels are element-wise NumPy), so
 # OpenBLAS's thread pool would only spin up at every NumPy import: about 80 ms of CPU in
-# each of hundreds of workers. Set here, before the xdist workers start, so they and every
-# process they start inherit it; a value the caller set is kept.
+# each of the suite's 160 or so workers. Set here, before the xdist workers start, so they
+# and every process they start inherit it; a value the caller set is kept.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 

@@ -157,10 +157,12 @@ def freeze_with_unfinished_checkpoints(run: SupervisedRun
     def frozen_with_some() -> tuple[set[int], list[psutil.Process]] | None:
         if not unfinished_checkpoints(run):
             return None
-        workers = node_workers()
-        for proc in workers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.suspend()
+        workers: list[psutil.Process] = []
+        while newcomers := [p for p in node_workers() if p not in workers]:
+            for proc in newcomers:  # one started meanwhile is frozen too
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.suspend()
+            workers += newcomers
         time.sleep(0.3)  # what the workers had already sent reaches the WAL
         left = unfinished_checkpoints(run)
         if not left:
@@ -191,15 +193,23 @@ def test_a_lost_node_moves_its_shards_and_the_result_is_identical(tmp_path, clus
     # in the moment Ray takes to lose the node (then there would be nothing to move); the
     # other nodes' workers go on.
     partway, frozen = freeze_with_unfinished_checkpoints(run)
-    owners = assigned_nodes(run)
-    moved = min(partway)
-    victim = owners[moved]
-    node = cluster.node_with(victim)  # type: ignore[attr-defined]
-    theirs = {p.pid for p in cluster.processes_of(node)}  # type: ignore[attr-defined]
-    for proc in frozen:
-        if proc.pid not in theirs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.resume()
+    keep: set[int] = set()  # the pids left frozen: the victim node's
+    try:
+        owners = assigned_nodes(run)
+        held = {shard: cluster.node_with(owners[shard])  # type: ignore[attr-defined]
+                for shard in partway}
+        theirs = {shard: {p.pid for p in cluster.processes_of(node)}  # type: ignore[attr-defined]
+                  for shard, node in held.items()}
+        frozen_pids = {p.pid for p in frozen}
+        mine = sorted(s for s in partway if theirs[s] & frozen_pids)
+        assert mine, f"no frozen worker on the nodes of shards {sorted(partway)}"
+        moved = mine[0]
+        victim, node, keep = owners[moved], held[moved], theirs[moved]
+    finally:
+        for proc in frozen:  # all but the victim's go on
+            if proc.pid not in keep:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.resume()
     cluster.remove(node)  # type: ignore[attr-defined]
     try:
         finish(run, expected)

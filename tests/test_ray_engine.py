@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import psutil
 import pytest
 
 from nkat.supervisor import journal
+from nkat.supervisor.rundir import RunDir
 from nkat.supervisor.wal import RecordType
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     SupervisedRun,
@@ -96,8 +96,7 @@ def unfinished_checkpoints(run: SupervisedRun) -> set[int]:
     """The shards whose newest durable checkpoint in the WAL is partway through them: each
     must resume from it. (A shard whose newest checkpoint holds all its units is done even
     if its node died before it wrote ``shard_done``: the journal completes it at open.)"""
-    sizes = [stop - first for first, stop in
-             tomllib.loads((run.path / "run.toml").read_text()).get("shards", ())]
+    sizes = [stop - first for first, stop in RunDir.open(run.state, run.run_id).info.shards]
     newest: dict[int, int] = {}
     for entry in map(journal.read, run.records()):
         if isinstance(entry, journal.CheckpointMeta) and entry.shard is not None:

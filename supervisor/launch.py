@@ -285,7 +285,7 @@ def _open_and_run(run: RunDir, config: Config, log: Any, say: Any, writer: WalLo
     try:
         wal = Wal.open(run.wal_dir, run.blob_dir, run=run_payload, salvage=salvage,
                        backup_checkpoints=config["backup_checkpoints"],
-                       segment_size=config["segment_size"], create=how == "new")
+                       segment_size=config["segment_size"], create=not run.info.wal_started)
     except WalForeign as exc:
         log.critical("wal.foreign", error=str(exc))
         print(f"nkat-supervise: error: the write-ahead log in {run.wal_dir} is not this "
@@ -311,6 +311,15 @@ def _open_and_run(run: RunDir, config: Config, log: Any, say: Any, writer: WalLo
         log.critical("wal.open_failed", error=str(exc))
         print(f"nkat-supervise: error: cannot open the write-ahead log: {exc}",
               file=sys.stderr)
+        return ExitCode.GAVE_UP
+
+    try:
+        run.mark_wal_started()
+    except OSError as exc:
+        wal.close()
+        log.critical("wal.open_failed", error=f"run.toml: {exc}")
+        print(f"nkat-supervise: error: cannot record in run.toml that the log of run "
+              f"{run.run_id} exists: {exc}", file=sys.stderr)
         return ExitCode.GAVE_UP
 
     def hand_over() -> None:

@@ -182,6 +182,11 @@ class RunInfo:
     #: A sharded run's shards: its unit range cut into [first, stop) pieces, fixed at its
     #: first start (empty: one piece).
     shards: tuple[tuple[int, int], ...] = ()
+    #: Whether the run's write-ahead log was made (its first segment durable). A run the
+    #: first supervisor created but was killed before it made the log starts one on its
+    #: next start; a started log without segments is damage (they were deleted). Runs
+    #: from before this key have their log.
+    wal_started: bool = True
 
 
 class RunDir:
@@ -255,7 +260,7 @@ class RunDir:
         os.chmod(path, 0o700)
         info = RunInfo(run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"), dict(spec),
                        spec_hash(spec), dict(config), job_env=dict(job_env or {}),
-                       shards=shards)
+                       shards=shards, wal_started=False)
         run = cls(path, info)
         run._write_info()
         fsync_dir(runs)
@@ -272,7 +277,8 @@ class RunDir:
             info = RunInfo(data["run_id"], data["created"], data["spec"], data["spec_hash"],
                            data.get("config", {}), tuple(data.get("backends", ())),
                            dict(data.get("job_env", {})),
-                           tuple((int(a), int(b)) for a, b in data.get("shards", ())))
+                           tuple((int(a), int(b)) for a, b in data.get("shards", ())),
+                           bool(data.get("wal_started", True)))
         except FileNotFoundError:
             raise RunDirError(f"no run {run_id!r} in {state / 'runs'}") from None
         except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
@@ -291,6 +297,13 @@ class RunDir:
                                                            "backend": backend}, backends=used)
         self._write_info()
 
+    def mark_wal_started(self) -> None:
+        """Record, durably, that the run's log exists: from now on a start that finds
+        no segment refuses it as damage rather than making a new log."""
+        if not self.info.wal_started:
+            self.info = dataclasses.replace(self.info, wal_started=True)
+            self._write_info()
+
     def set_shards(self, shards: tuple[tuple[int, int], ...]) -> None:
         """Fix the run's shards, durably, before any of them is computed (the Ray engine
         cuts a new run once it knows how many nodes the cluster has)."""
@@ -307,6 +320,8 @@ class RunDir:
                 "backends": list(info.backends), "job_env": info.job_env}
         if info.shards:
             body["shards"] = [list(span) for span in info.shards]
+        if not info.wal_started:
+            body["wal_started"] = False
         atomic_write(self.path / "run.toml", tomli_w.dumps(body).encode(), mode=0o600)
 
     def _make_subdirs(self) -> None:

@@ -11,6 +11,9 @@ import time
 import pytest
 
 from nkat.supervisor import journal
+from nkat.supervisor.config import load_config
+from nkat.supervisor.exitcode import ExitCode
+from nkat.supervisor.launch import pick_run
 from tests.e2e import (  # noqa: F401 - reap_processes is an autouse fixture
     FAST_RESTARTS,
     SupervisedRun,
@@ -102,3 +105,27 @@ def test_both_sigkilled_together(tmp_path, expected):
     assert run.wait() == 0, run.err
     assert deterministic(run.result()) == expected
     _check_no_acked_loss(acked_before, run)
+
+
+def test_supervisor_killed_before_it_made_the_log(tmp_path, expected):
+    """A first start killed after it created the run directory but before the log's first
+    segment was durable leaves run.toml and an empty wal/: the next start makes the log
+    and runs. Once a log was made, a start that finds no segment refuses (they were
+    deleted), naming the damage."""
+    run = SupervisedRun(tmp_path, "early-kill", JOB)
+    config = load_config(None, run.settings, {"backend": "numpy"})
+    # What `start` has done when the kill lands: the run planned and created, no log yet.
+    made = pick_run(run.state, config, run_id=run.run_id, fresh=False, boot=False)
+    made.create(run.state)
+    assert not any((run.path / "wal").iterdir())
+    assert "wal_started = false" in (run.path / "run.toml").read_text()
+    run.start()
+    assert run.wait() == 0, run.err
+    assert deterministic(run.result()) == expected
+    assert "wal_started" not in (run.path / "run.toml").read_text()
+
+    for segment in (run.path / "wal").iterdir():
+        segment.unlink()
+    run.start()
+    assert run.wait() == ExitCode.GAVE_UP
+    assert "has lost its newest part" in run.err and "were its segments deleted?" in run.err

@@ -49,6 +49,7 @@ from nkat.supervisor.rundir import (
     WAL_LOCK_WAIT_S,
     RunDir,
     RunDirError,
+    RunExists,
     RunLocked,
     WalLock,
     list_runs,
@@ -75,6 +76,10 @@ if TYPE_CHECKING:
 NOTIFY_FLUSH_S = 10.0
 
 
+#: Runs of one spec started within one second that get distinct ids (.2, .3 ...).
+MAX_ID_ATTEMPTS = 1000
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What ``start`` will do: ``how`` is ``new`` (``run`` is None until :meth:`create`),
@@ -88,9 +93,20 @@ class Plan:
     shards: tuple[tuple[int, int], ...] = ()
 
     def create(self, state: Path) -> RunDir:
+        """Make the run's directory: under ``run_id`` (RunExists if taken), or under a new
+        id that no run has (creating the directory is what claims an id)."""
         spec = self.config.job_spec()
-        return RunDir.create(state, self.run_id or new_run_id(spec), spec, dict(self.config),
-                             job_env(spec), self.shards)
+        if self.run_id:
+            return RunDir.create(state, self.run_id, spec, dict(self.config), job_env(spec),
+                                 self.shards)
+        for attempt in range(1, MAX_ID_ATTEMPTS + 1):
+            try:
+                return RunDir.create(state, new_run_id(spec, attempt), spec, dict(self.config),
+                                     job_env(spec), self.shards)
+            except RunExists:
+                continue
+        raise RunExists(f"no free run id after {MAX_ID_ATTEMPTS} tries in {state / 'runs'}; "
+                        "name one with --run-id")
 
 
 #: Shards per GPU: enough that a slow or throttled GPU does not hold back the run's end

@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -53,6 +54,10 @@ TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (missing, malformed, wrong spec)."""
+
+
+class RunExists(RunDirError):
+    """A run of that id is already in the state dir."""
 
 
 class RunLocked(RunDirError):
@@ -96,8 +101,11 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-def new_run_id(spec: Mapping[str, Any]) -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + spec_hash(spec)[:6]
+def new_run_id(spec: Mapping[str, Any], attempt: int = 1) -> str:
+    """``<date>-<time>-<spec hash>``; two runs of one spec started in one second (two
+    GPUs, a script) get ``.2``, ``.3`` ... after their ``attempt`` at a free id."""
+    base = time.strftime("%Y%m%d-%H%M%S") + "-" + spec_hash(spec)[:6]
+    return base if attempt == 1 else f"{base}.{attempt}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -248,24 +256,44 @@ class RunDir:
     def create(cls, state: Path, run_id: str, spec: Mapping[str, Any],
                config: Mapping[str, Any], job_env: Mapping[str, str] | None = None,
                shards: tuple[tuple[int, int], ...] = ()) -> RunDir:
+        """Make the run's directory whole, or not at all: it is built under a temporary
+        name (run.toml and the subdirectories, synced) and renamed into place, so that a
+        crash never leaves a run without its run.toml. RunExists if the id is taken."""
         validate_run_id(run_id)
+        if run_id.startswith("."):
+            raise RunDirError(f"invalid run id {run_id!r}: a new run's id may not start "
+                              "with a dot")
         runs = state / "runs"
         runs.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_owned(runs)
         path = runs / run_id
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            raise RunDirError(f"run {run_id} already exists in {runs}") from None
-        os.chmod(path, 0o700)
+        if path.exists():
+            raise _exists(path)
+        _remove_stale_builds(runs)
         info = RunInfo(run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"), dict(spec),
                        spec_hash(spec), dict(config), job_env=dict(job_env or {}),
                        shards=shards, wal_started=False)
-        run = cls(path, info)
-        run._write_info()
+        building = temp_name(path)
+        shutil.rmtree(building, ignore_errors=True)  # a dead process of our pid left it
+        building.mkdir(mode=0o700)
+        try:
+            os.chmod(building, 0o700)
+            partial = cls(building, info)
+            partial._write_info()
+            partial._make_subdirs()
+            fsync_dir(building)
+            try:
+                # Onto a name that exists, rename fails (a run there is never empty).
+                os.rename(building, path)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise _exists(path) from None
+                raise
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
         fsync_dir(runs)
-        run._make_subdirs()
-        return run
+        return cls(path, info)
 
     @classmethod
     def open(cls, state: Path, run_id: str) -> RunDir:
@@ -457,6 +485,32 @@ class WalLock:
             self._fd = None
 
 
+def _exists(path: Path) -> RunExists:
+    if (path / "run.toml").exists():
+        return RunExists(f"run {path.name} already exists in {path.parent}")
+    return RunExists(f"{path} exists but holds no run.toml (not a run this tool made whole): "
+                     "move it away or pick another run id")
+
+
+def _remove_stale_builds(runs: Path) -> None:
+    """Remove run directories whose building a crash cut short (``.<id>.<pid>.tmp`` of a
+    process that is gone): never renamed into place, they were no run yet."""
+    for entry in os.listdir(runs):
+        match = TEMP_RE.match(entry)
+        if match and not _alive(int(match["pid"])):
+            shutil.rmtree(runs / entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def list_runs(state: Path) -> list[RunDir]:
     """Every readable run under ``state``, oldest first."""
     runs_dir = state / "runs"
@@ -464,7 +518,8 @@ def list_runs(state: Path) -> list[RunDir]:
         return []
     found = []
     for entry in sorted(runs_dir.iterdir()):
-        if not RUN_ID_RE.fullmatch(entry.name) or not (entry / "run.toml").exists():
+        if not RUN_ID_RE.fullmatch(entry.name) or TEMP_RE.match(entry.name) \
+                or not (entry / "run.toml").exists():
             continue
         try:
             found.append(RunDir.open(state, entry.name))

@@ -96,15 +96,16 @@ class Plan:
         """Make the run's directory: under ``run_id`` (RunExists if taken), or under a new
         id that no run has (creating the directory is what claims an id)."""
         spec = self.config.job_spec()
-        if self.run_id:
-            return RunDir.create(state, self.run_id, spec, dict(self.config), job_env(spec),
+
+        def make(run_id: str) -> RunDir:
+            return RunDir.create(state, run_id, spec, dict(self.config), job_env(spec),
                                  self.shards)
+
+        if self.run_id:
+            return make(self.run_id)
         for attempt in range(1, MAX_ID_ATTEMPTS + 1):
-            try:
-                return RunDir.create(state, new_run_id(spec, attempt), spec, dict(self.config),
-                                     job_env(spec), self.shards)
-            except RunExists:
-                continue
+            with contextlib.suppress(RunExists):
+                return make(new_run_id(spec, attempt))
         raise RunExists(f"no free run id after {MAX_ID_ATTEMPTS} tries in {state / 'runs'}; "
                         "name one with --run-id")
 
